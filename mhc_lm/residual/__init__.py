@@ -1,0 +1,28 @@
+"""Residual mixers: one small module per variant behind `make_mixer` (see SPEC.md).
+
+Importing this package registers every variant.
+"""
+
+from . import hc, mhc, residual  # noqa: F401  (registration side effects)
+from .base import Mixer, apply_comb, collapse_streams, write_streams
+from .collapse import COLLAPSE_MODES, HyperHead, expand_streams, make_collapse
+from .registry import MIXERS, MODEL_KEYS, make_mixer, mixer_options, parse_options
+from .sinkhorn import sinkhorn, sinkhorn_reference
+
+__all__ = [
+    "COLLAPSE_MODES",
+    "MIXERS",
+    "MODEL_KEYS",
+    "HyperHead",
+    "Mixer",
+    "apply_comb",
+    "collapse_streams",
+    "expand_streams",
+    "make_collapse",
+    "make_mixer",
+    "mixer_options",
+    "parse_options",
+    "sinkhorn",
+    "sinkhorn_reference",
+    "write_streams",
+]

@@ -1,0 +1,151 @@
+"""The mixer interface and the pieces every hyper-connection variant shares.
+
+A mixer wraps one sublayer F (one attention or one MLP). Given the residual streams x of shape
+(B, T, n, C) and the branch F as a callable (B, T, C) -> (B, T, C), it returns
+
+    x_next = H_res · x + H_post^T · F(H_pre · x)                            (SPEC section 1)
+
+THE CONVENTION. Like DeepSeek-V4 and `transformers`, we store `comb = H_res^T` and apply
+`comb^T @ x`. Row i of H_res (= column i of comb) is what new stream i reads, so row sums of H_res
+are forward gains and column sums are backward gains. `apply_comb` below is the one function that
+applies it; `Mixer.coefficients` returns H_res itself (paper orientation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch import nn
+
+Branch = Callable[[torch.Tensor], torch.Tensor]
+
+
+def apply_comb(comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """H_res · x with H_res = comb^T: out[..., i, :] = sum_j comb[..., j, i] * streams[..., j, :].
+
+    comb: (B, T, n, n) in the storage layout; streams: (B, T, n, C).
+    """
+    return torch.matmul(comb.transpose(-1, -2).to(streams.dtype), streams)
+
+
+def collapse_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """H_pre · x: the branch input, sum_j h_pre[j] * x[j]. h_pre (B, T, n), streams (B, T, n, C) -> (B, T, C)."""
+    return (h_pre.unsqueeze(-1).to(streams.dtype) * streams).sum(dim=-2)
+
+
+def write_streams(h_post: torch.Tensor, out: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """H_res · x + H_post^T · out: broadcast the branch output into the streams, weighted by h_post."""
+    written = h_post.unsqueeze(-1).to(streams.dtype) * out.unsqueeze(-2)  # (B, T, n, C)
+    return written + apply_comb(comb, streams)
+
+
+def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Weight-less RMS normalization over the last dimension, in fp32."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+class Mixer(nn.Module):
+    """Base class of every residual mixer. Subclasses implement `mixing` and `reset_parameters`.
+
+    `mixing(streams)` returns (h_pre (B, T, n), h_post (B, T, n), comb (B, T, n, n)) in fp32, comb in
+    the storage layout. Everything a mixer owns is a connection parameter (no weight decay).
+    """
+
+    n: int
+
+    def mixing(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, streams: torch.Tensor, branch: Branch) -> torch.Tensor:
+        h_pre, h_post, comb = self.mixing(streams)
+        out = branch(collapse_streams(h_pre, streams))
+        return write_streams(h_post, out, comb, streams)
+
+    def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_pre, h_post, h_res) with h_res = comb^T in the paper's orientation (rows = forward gain)."""
+        h_pre, h_post, comb = self.mixing(streams)
+        return h_pre, h_post, comb.transpose(-1, -2)
+
+
+@dataclasses.dataclass
+class GeneratorOptions:
+    """Initialization and numerics of the shared coefficient generator (SPEC section 2)."""
+
+    scale_init: float = 0.01  # the paper's gating factor
+    fn_init_std: float = 0.02  # 0 gives a zero (purely static) start
+    pre_init: str = "uniform"  # "uniform": base_pre = 0 (pre = 0.5); "onehot": +b on stream l mod n, -b elsewhere
+    pre_init_strength: float = 4.0  # b of the one-hot pre init
+    rms_eps: float = 1e-6
+    hc_eps: float = 1e-6  # added to H_pre (and the Sinkhorn's eps in mhc)
+
+
+PRE_INITS = ("uniform", "onehot")
+
+
+class GeneratedMixer(Mixer):
+    """A mixer whose coefficients come from the shared generator of SPEC section 2 (the mHC family).
+
+    Parameters keep DeepSeek-V4's names and layout, so its weights load 1:1: `fn` ((2n + k), n*C)
+    with output rows ordered [pre (n) | post (n) | res (k)], `base` (2n + k) and `scale` (3), where
+    k = `num_res_logits` is the variant's number of res logits (n*n for mhc). A variant supplies
+    `res_base_init()` (the identity-leaning bias of its res block) and `project(res_logit)` (its map P
+    onto the constraint set, returning comb (B, T, n, n)). Computed in fp32 whatever the activation dtype.
+    """
+
+    def __init__(self, dim: int, n: int, num_res_logits: int, layer_index: int, options: GeneratorOptions):
+        super().__init__()
+        if options.pre_init not in PRE_INITS:
+            raise ValueError(f"residual.pre_init={options.pre_init!r}: allowed: {', '.join(PRE_INITS)}")
+        self.n, self.num_res_logits, self.layer_index, self.options = n, num_res_logits, layer_index, options
+        width = 2 * n + self.num_res_logits
+        self.fn = nn.Parameter(torch.empty(width, n * dim))
+        self.base = nn.Parameter(torch.empty(width))
+        self.scale = nn.Parameter(torch.empty(3))
+
+    def res_base_init(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project(self, res_logit: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        n, opt = self.n, self.options
+        if opt.fn_init_std > 0:
+            nn.init.normal_(self.fn, std=opt.fn_init_std)
+        else:
+            nn.init.zeros_(self.fn)
+        self.scale.fill_(opt.scale_init)
+        base_pre = torch.zeros(n)
+        if opt.pre_init == "onehot":
+            base_pre.fill_(-opt.pre_init_strength)
+            base_pre[self.layer_index % n] = opt.pre_init_strength
+        base_post = torch.zeros(n)  # post = 2 * sigmoid(0) = 1
+        self.base.copy_(torch.cat([base_pre, base_post, self.res_base_init().flatten()]))
+
+    def generate(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams (B, T, n, C) -> pre (B, T, n), post (B, T, n), res_logit (B, T, k), all fp32."""
+        n, opt = self.n, self.options
+        flat = streams.flatten(-2).float()  # (B, T, n*C)
+        # One weight-less RMS over all n*C values; multiplying after the matmul equals normalizing before.
+        r = torch.rsqrt(flat.square().mean(-1, keepdim=True) + opt.rms_eps)
+        mixes = torch.nn.functional.linear(flat, self.fn.float()) * r  # (B, T, 2n + k)
+        pre_m, post_m, res_m = mixes.split([n, n, self.num_res_logits], dim=-1)
+        base_pre, base_post, base_res = self.base.float().split([n, n, self.num_res_logits])
+        scale = self.scale.float()
+        pre = torch.sigmoid(scale[0] * pre_m + base_pre) + opt.hc_eps
+        post = 2 * torch.sigmoid(scale[1] * post_m + base_post)
+        res_logit = scale[2] * res_m + base_res
+        return pre, post, res_logit
+
+    def mixing(self, streams):
+        pre, post, res_logit = self.generate(streams)
+        return pre, post, self.project(res_logit)
+
+

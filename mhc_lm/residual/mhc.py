@@ -1,0 +1,46 @@
+"""mHC: manifold-constrained hyper-connections with a Sinkhorn projection (DeepSeek-V4 form).
+
+comb = Sinkhorn(res_logit) with res_logit (n, n) in the comb layout; H_res = comb^T. Rows of H_res are
+exact (to eps), columns approximate: the diagnostics report the column error rather than hide it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .base import GeneratedMixer, GeneratorOptions
+from .registry import register
+from .sinkhorn import sinkhorn
+
+RES_INITS = ("identity", "uniform")
+
+
+@dataclasses.dataclass
+class MhcOptions(GeneratorOptions):
+    res_init: str = "identity"  # "identity": base_res = d*I (exactly doubly stochastic at step 0); "uniform": 0
+    res_init_strength: float = 4.0  # d
+    sinkhorn_iters: int = 20
+    sinkhorn_eps: float = 1e-6
+
+
+@register("mhc", MhcOptions)
+class MhcMixer(GeneratedMixer):
+    def __init__(self, dim: int, n: int, layer_index: int, options: MhcOptions):
+        if options.sinkhorn_iters < 1:
+            raise ValueError(f"residual.sinkhorn_iters={options.sinkhorn_iters}: allowed: an integer >= 1")
+        if options.res_init not in RES_INITS:
+            raise ValueError(f"residual.res_init={options.res_init!r}: allowed: {', '.join(RES_INITS)}")
+        super().__init__(dim, n, n * n, layer_index, options)
+        self.reset_parameters()
+
+    def res_base_init(self) -> torch.Tensor:
+        """d*I: softmax(d*I + const) is already exactly doubly stochastic, so Sinkhorn has no error at step 0."""
+        if self.options.res_init == "identity":
+            return self.options.res_init_strength * torch.eye(self.n)
+        return torch.zeros(self.n, self.n)
+
+    def project(self, res_logit):
+        res_logit = res_logit.unflatten(-1, (self.n, self.n))  # (B, T, n, n), comb layout
+        return sinkhorn(res_logit, self.options.sinkhorn_iters, self.options.sinkhorn_eps)
