@@ -1,0 +1,113 @@
+"""Atomic, resumable training checkpoints.
+
+A checkpoint is a directory `RUN/checkpoints/step_000123/` holding:
+  - what `accelerator.save_state` writes: model weights, optimizer state, every process's RNG state;
+  - `trainer_state.json`: step, tokens seen, elapsed training time;
+  - `data_state_rank{r}.json`: each rank's data position;
+  - `run_config.json`: the model and residual configuration, to refuse an incompatible resume.
+
+Every rank writes into `checkpoints/.tmp-step_000123/`; once all are done, rank 0 renames it. A
+crash mid-save leaves only a `.tmp-` directory, which resume ignores: the last complete checkpoint
+is the newest `step_*` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
+    """The checkpoint to resume from: None for a fresh start."""
+    if resume in (None, "none"):
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if (path / "trainer_state.json").exists():
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise ConfigError(f"trainer.resume={resume!r}: neither a checkpoint nor a run directory with "
+                          "checkpoints; allowed: auto, none, RUN_DIR or RUN_DIR/checkpoints/step_N")
+    return found[-1]
+
+
+def check_compatible(checkpoint: Path, run_config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model or residual configuration differs from this run's."""
+    saved = json.loads((checkpoint / "run_config.json").read_text())
+    for section in ("model", "residual"):
+        keys = sorted(set(saved.get(section, {})) | set(run_config.get(section, {})))
+        for key in keys:
+            if section == "model" and key == "name":
+                continue
+            old, new = saved.get(section, {}).get(key), run_config.get(section, {}).get(key)
+            if old != new:
+                raise ConfigError(f"{section}.{key}={new!r}: the checkpoint {checkpoint} was trained with "
+                                  f"{section}.{key}={old!r}; allowed: the checkpoint's value, or trainer.resume=none")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, data_state: dict,
+                    run_config: dict, keep_last: int) -> Path:
+    """Write a checkpoint for `step` atomically, on every rank; prune to the newest `keep_last`."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous crash mid-save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    _write_json(tmp / f"data_state_rank{accelerator.process_index}.json", data_state)
+    if accelerator.is_main_process:
+        _write_json(tmp / "trainer_state.json", trainer_state)
+        _write_json(tmp / "run_config.json", run_config)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step saved again (e.g. the final step after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, dict]:
+    """Restore model, optimizer and RNG in place; return (trainer_state, this rank's data state)."""
+    data_file = checkpoint / f"data_state_rank{accelerator.process_index}.json"
+    if not data_file.exists():
+        saved_ranks = len(list(checkpoint.glob("data_state_rank*.json")))
+        raise ConfigError(f"trainer.resume={str(checkpoint)!r}: saved by {saved_ranks} process(es), this run has "
+                          f"{accelerator.num_processes}; allowed: resume with the same number of processes")
+    accelerator.load_state(str(checkpoint))
+    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return trainer_state, json.loads(data_file.read_text())

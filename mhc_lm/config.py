@@ -1,0 +1,280 @@
+"""Typed configuration of a training run, and its validation.
+
+Each component owns a dataclass here; the YAML groups in `conf/` mirror them. The root schema is
+registered with Hydra's ConfigStore as `train_schema`, so a typo in an override or a YAML is an
+error at composition. The `residual` group is the exception: its keys depend on the variant, and
+`validate` checks them against that variant's options dataclass (`mhc_lm.residual`).
+
+`validate` runs before any work (no tokenizing, no model) and raises `ConfigError` whose message
+names the option, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A bad option value. The message reads `option=value: what is allowed`."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small"  # the preset's name, used in run names
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: multi-head attention; fewer: grouped-query attention
+    ffn_hidden: Optional[int] = None  # None: 8/3 * d_model rounded up to a multiple of 64
+    max_seq_len: int = 1024
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    vocab_size: Optional[int] = None  # None: the tokenizer's size, rounded up to vocab_multiple
+    vocab_multiple: int = 64
+
+
+@dataclass
+class DataConfig:
+    name: str = "bundled"
+    source: str = "bundled"  # bundled | local
+    corpus: str = "shakespeare"  # bundled corpus
+    files: list[str] = field(default_factory=list)  # local: files, directories or glob patterns
+    val_files: list[str] = field(default_factory=list)  # local: explicit validation files
+    format: Optional[str] = None  # txt | jsonl | parquet; None: from the file extension
+    text_field: str = "text"
+    val_fraction: float = 0.05  # held-out documents when there are no val_files
+    split_seed: int = 0
+    tokenizer: str = "bpe"  # "bpe": train a byte-level BPE on the train split; else a HF name or path
+    vocab_size: int = 4096  # for tokenizer=bpe
+    seq_len: int = 256
+    cache_dir: Optional[str] = None  # None: $MHC_LM_CACHE or ~/.cache/mhc_lm
+    num_proc: int = 1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices only: never on norms, biases or connection parameters
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    batch_size: int = 16  # sequences per micro-batch per process
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100  # 0: only the final checkpoint
+    keep_last: int = 2
+    resume: Optional[str] = "auto"  # auto | none | PATH (a checkpoint or a run directory)
+    seed: int = 1337
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
+    compile: bool = False
+    log_every: int = 10
+    output_dir: str = "runs"
+    run_name: str = MISSING
+    export: bool = True  # write a Hugging Face model (with the tokenizer) at the end
+    num_threads: Optional[int] = None  # torch CPU threads; None: torch's default
+    stop_at_step: Optional[int] = None  # checkpoint and stop here, as a preemption would (the schedule keeps max_steps)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    project: str = "mhc-lm"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    residual: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(option: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{option}={value!r}: {allowed}")
+
+
+def _check_choice(option: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(option, value, f"allowed: {', '.join(map(str, choices))}")
+
+
+def _check_min(option: str, value: Any, minimum: int | float) -> None:
+    if value is None or value < minimum:
+        _fail(option, value, f"allowed: a number >= {minimum}")
+
+
+def validate_model(model: ModelConfig) -> None:
+    for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+        _check_min(f"model.{key}", getattr(model, key), 1)
+    if model.d_model % model.n_heads:
+        divisors = [h for h in range(1, min(model.d_model, 64) + 1) if model.d_model % h == 0]
+        _fail("model.n_heads", model.n_heads,
+              f"model.d_model={model.d_model} must be divisible by it; allowed: {', '.join(map(str, divisors))}")
+    if (model.d_model // model.n_heads) % 2:
+        _fail("model.n_heads", model.n_heads,
+              f"the head dimension d_model / n_heads = {model.d_model // model.n_heads} must be even for RoPE")
+    if model.n_kv_heads is not None and (model.n_kv_heads < 1 or model.n_heads % model.n_kv_heads):
+        _fail("model.n_kv_heads", model.n_kv_heads, f"allowed: a divisor of model.n_heads={model.n_heads}, or null")
+    if model.ffn_hidden is not None:
+        _check_min("model.ffn_hidden", model.ffn_hidden, 1)
+    if model.vocab_size is not None:
+        _check_min("model.vocab_size", model.vocab_size, 2)
+    _check_min("model.vocab_multiple", model.vocab_multiple, 1)
+
+
+def validate_residual(residual: dict[str, Any], d_model: int) -> None:
+    from .residual import COLLAPSE_MODES, MIXERS, make_mixer, mixer_options
+
+    name = residual.get("name")
+    _check_choice("residual.name", name, sorted(MIXERS))
+    n = residual.get("n")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        _fail("residual.n", n, "the number of streams must be an integer >= 1")
+    _check_choice("residual.collapse", residual.get("collapse", "head"), COLLAPSE_MODES)
+    try:  # the variant's own checks, on a throwaway mixer of width 1
+        make_mixer(name, 1, n, 0, **mixer_options(residual))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def expand_files(patterns: list[str]) -> list[str]:
+    """Files named by paths, directories (every file below) or glob patterns, sorted and deduplicated."""
+    found: list[str] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            found += [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p)]
+        else:
+            found += [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    return sorted(set(found))
+
+
+DATA_SOURCES = ("bundled", "local")
+FILE_FORMATS = ("txt", "jsonl", "parquet")
+BUNDLED_CORPORA = ("shakespeare",)
+
+
+def validate_data(data: DataConfig, model: ModelConfig) -> None:
+    _check_choice("data.source", data.source, DATA_SOURCES)
+    _check_min("data.seq_len", data.seq_len, 1)
+    if data.seq_len > model.max_seq_len:
+        _fail("data.seq_len", data.seq_len,
+              f"longer than the model's context model.max_seq_len={model.max_seq_len}; allowed: <= {model.max_seq_len}")
+    if not 0 < data.val_fraction < 1:
+        _fail("data.val_fraction", data.val_fraction, "allowed: a fraction strictly between 0 and 1")
+    if data.tokenizer == "bpe":
+        _check_min("data.vocab_size", data.vocab_size, 257)  # 256 bytes + the end-of-text token
+    _check_min("data.num_proc", data.num_proc, 1)
+    if data.source == "bundled":
+        _check_choice("data.corpus", data.corpus, BUNDLED_CORPORA)
+        return
+    if data.format is not None:
+        _check_choice("data.format", data.format, FILE_FORMATS)
+    for option in ("files", "val_files"):
+        patterns = list(getattr(data, option))
+        if option == "files" and not patterns:
+            _fail("data.files", patterns, "data=local needs at least one file, directory or glob pattern")
+        for pattern in patterns:
+            if not expand_files([pattern]):
+                _fail(f"data.{option}", pattern, "no such file: allowed: existing files, directories or glob patterns")
+        for path in expand_files(patterns):
+            fmt = data.format or file_format(path)
+            if fmt not in FILE_FORMATS:
+                _fail(f"data.{option}", path, f"unknown file type; allowed: .txt, .jsonl, .json, .parquet "
+                                              f"(or set data.format to one of {', '.join(FILE_FORMATS)})")
+
+
+def file_format(path: str) -> Optional[str]:
+    ext = os.path.splitext(path)[1].lower()
+    return {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl",
+            ".parquet": "parquet"}.get(ext)
+
+
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOGGER_BACKENDS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def validate_optim(optim: OptimConfig) -> None:
+    _check_choice("optim.name", optim.name, OPTIMIZERS)
+    _check_choice("optim.schedule", optim.schedule, SCHEDULES)
+    if not optim.lr > 0:
+        _fail("optim.lr", optim.lr, "allowed: a number > 0")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        _fail("optim.min_lr_ratio", optim.min_lr_ratio, "allowed: a number in [0, 1]")
+    if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
+        _fail("optim.betas", list(optim.betas), "allowed: two numbers in [0, 1)")
+    _check_min("optim.warmup_steps", optim.warmup_steps, 0)
+    _check_min("optim.weight_decay", optim.weight_decay, 0)
+    _check_min("optim.grad_clip", optim.grad_clip, 0)
+    if not 0 < optim.decay_fraction <= 1:
+        _fail("optim.decay_fraction", optim.decay_fraction, "allowed: a fraction in (0, 1]")
+
+
+def validate_trainer(trainer: TrainerConfig) -> None:
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "keep_last"):
+        _check_min(f"trainer.{key}", getattr(trainer, key), 1)
+    _check_min("trainer.ckpt_every", trainer.ckpt_every, 0)
+    _check_choice("trainer.precision", trainer.precision, PRECISIONS)
+    for key in ("num_threads", "stop_at_step"):
+        if getattr(trainer, key) is not None:
+            _check_min(f"trainer.{key}", getattr(trainer, key), 1)
+    resume = trainer.resume
+    if resume not in (None, "auto", "none") and not os.path.exists(resume):
+        _fail("trainer.resume", resume, "no such path; allowed: auto, none, or a checkpoint or run directory")
+
+
+def validate_logger(logger: LoggerConfig) -> None:
+    _check_choice("logger.backend", logger.backend, LOGGER_BACKENDS)
+    _check_choice("logger.mode", logger.mode, WANDB_MODES)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every option of a run; raise ConfigError on the first bad one."""
+    validate_model(cfg.model)
+    validate_residual(cfg.residual, cfg.model.d_model)
+    validate_data(cfg.data, cfg.model)
+    validate_optim(cfg.optim)
+    validate_trainer(cfg.trainer)
+    validate_logger(cfg.logger)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-able dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)

@@ -1,0 +1,97 @@
+"""Every shipped YAML composes and validates; bad values stop the run with one clear message."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mhc_lm.config import ConfigError, TrainConfig, register_configs, validate
+from mhc_lm.checkpoint import check_compatible
+
+from conftest import ROOT
+
+CONF = ROOT / "conf"
+register_configs()
+
+
+def composed(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=["trainer.run_name=test", *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+def group_options():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir()):
+        for yaml_file in sorted(group.glob("*.yaml")):
+            yield group.name, yaml_file.stem
+
+
+@pytest.mark.parametrize("group,option", list(group_options()))
+def test_every_yaml_composes_and_validates(group, option, tmp_path):
+    text_file = tmp_path / "a.txt"
+    text_file.write_text("hello")
+    extra = [f"data.files=[{text_file}]"] if (group, option) == ("data", "local") else []
+    cfg = composed(f"{group}={option}", *extra)
+    assert isinstance(cfg, TrainConfig)
+    validate(cfg)
+
+
+def test_default_run_is_small_mhc_with_four_streams_on_the_bundled_corpus():
+    cfg = composed()
+    assert (cfg.model.name, cfg.residual["name"], cfg.residual["n"], cfg.data.source) == ("small", "mhc", 4, "bundled")
+
+
+def test_a_typo_in_an_override_is_an_error():
+    with pytest.raises(Exception, match="d_modl"):
+        composed("model.d_modl=64")
+    with pytest.raises(Exception, match="sinkhorn_iter"):
+        composed("residual.sinkhorn_iter=3")
+
+
+def with_changes(cfg: TrainConfig, section: str, **changes) -> TrainConfig:
+    if section == "residual":
+        return dataclasses.replace(cfg, residual={**cfg.residual, **changes})
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+@pytest.mark.parametrize("section,changes,message", [
+    ("residual", {"n": 0}, "residual.n=0: the number of streams must be an integer >= 1"),
+    ("residual", {"sinkhorn_iters": 0}, "residual.sinkhorn_iters=0: allowed: an integer >= 1"),
+    ("residual", {"name": "mhx"}, "residual.name='mhx': allowed: hc, mhc, residual"),
+    ("residual", {"collapse": "max"}, "residual.collapse='max': allowed: head, sum, mean"),
+    ("residual", {"sinkhorn_iter": 2}, "residual.sinkhorn_iter=2: not an option of residual=mhc"),
+    ("model", {"n_heads": 3}, "model.n_heads=3: model.d_model=128 must be divisible by it"),
+    ("model", {"n_kv_heads": 3}, "model.n_kv_heads=3: allowed: a divisor of model.n_heads=4"),
+    ("data", {"seq_len": 4096}, "data.seq_len=4096: longer than the model's context model.max_seq_len=1024"),
+    ("data", {"source": "local", "files": ["/nonexistent/*.txt"]}, "data.files='/nonexistent/*.txt': no such file"),
+    ("data", {"source": "local", "files": []}, "data.files=[]: data=local needs at least one file"),
+    ("optim", {"schedule": "linear"}, "optim.schedule='linear': allowed: cosine, wsd, constant"),
+    ("optim", {"lr": 0.0}, "optim.lr=0.0: allowed: a number > 0"),
+    ("trainer", {"grad_accum": 0}, "trainer.grad_accum=0: allowed: a number >= 1"),
+    ("trainer", {"resume": "/nonexistent/run"}, "trainer.resume='/nonexistent/run': no such path"),
+    ("trainer", {"precision": "fp8"}, "trainer.precision='fp8': allowed: auto, bf16, fp16, fp32"),
+])
+def test_bad_values_name_option_value_and_what_is_allowed(section, changes, message):
+    cfg = with_changes(composed(), section, **changes)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert message in str(err.value)
+
+
+def test_incompatible_checkpoint_is_refused(tmp_path):
+    cfg = composed()
+    saved = {"model": dataclasses.asdict(cfg.model), "residual": cfg.residual}
+    (tmp_path / "run_config.json").write_text(json.dumps(saved))
+    check_compatible(tmp_path, saved)  # the same config is fine
+    check_compatible(tmp_path, {**saved, "model": {**saved["model"], "name": "renamed"}})  # a name is not architecture
+    changed = {**saved, "model": {**saved["model"], "d_model": 256}}
+    with pytest.raises(ConfigError, match=r"model.d_model=256: the checkpoint .* was trained with model.d_model=128"):
+        check_compatible(tmp_path, changed)
+    other_residual = {**saved, "residual": {**saved["residual"], "n": 2}}
+    with pytest.raises(ConfigError, match="residual.n=2"):
+        check_compatible(tmp_path, other_residual)

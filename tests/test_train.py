@@ -1,0 +1,117 @@
+"""End-to-end runs of train.py: the loss falls, resume is exact, errors stop before any work, export loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(run_dir) if "train/loss" in m}
+
+
+def last_line(result) -> str:
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_twenty_steps_lower_the_loss_and_report(train_cli, tmp_path):
+    result = train_cli("trainer.max_steps=20", "trainer.eval_every=10", "trainer.run_name=falls", "optim.lr=1e-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "falls"
+    losses = train_losses(run_dir)
+    assert len(losses) == 20 and all(map(lambda v: v == v, losses.values()))  # no NaN
+    first, last = losses[1], sum(losses[s] for s in range(16, 21)) / 5
+    assert last < first - 0.5, losses
+    line = last_line(result)
+    assert f"run dir: {run_dir}" in line and "final val loss:" in line and "tokens/s:" in line
+    val = float(line.split("final val loss: ")[1].split()[0])
+    unigram = float(line.split("(unigram ")[1].split(")")[0])
+    assert val < unigram + 0.5  # already near the unigram floor after 20 tiny steps
+    assert (run_dir / "checkpoints" / "step_000020").is_dir()
+    assert (run_dir / "export" / "model.safetensors").exists()
+
+
+def test_plain_residual_baseline_runs(train_cli, tmp_path):
+    result = train_cli("residual=residual", "trainer.max_steps=3", "trainer.run_name=baseline")
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "runs" / "baseline" / "export" / "config.json").read_text())
+    assert config["residual"]["name"] == "residual" and config["residual"]["n"] == 1
+
+
+def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
+    common = ["trainer.max_steps=16", "trainer.ckpt_every=4", "trainer.eval_every=8"]
+    straight = train_cli(*common, "trainer.run_name=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    stopped = train_cli(*common, "trainer.run_name=interrupted", "trainer.stop_at_step=8")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped at step 8 of 16" in last_line(stopped)
+    run_dir = tmp_path / "runs" / "interrupted"
+    assert not (run_dir / "export").exists()
+    # A crash in the middle of a later save leaves a partial directory: resume must skip it.
+    partial = run_dir / "checkpoints" / ".tmp-step_000012"
+    shutil.copytree(run_dir / "checkpoints" / "step_000008", partial)
+    (partial / "model.safetensors").write_bytes(b"garbage")
+    resumed = train_cli(*common, "trainer.run_name=interrupted")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from" in resumed.stdout + resumed.stderr
+    a, b = train_losses(tmp_path / "runs" / "straight"), train_losses(run_dir)
+    assert [b[s] for s in range(9, 17)] == [a[s] for s in range(9, 17)]  # bitwise, on CPU
+    val_a = [m["val/loss"] for m in read_metrics(tmp_path / "runs" / "straight") if "val/loss" in m]
+    val_b = [m["val/loss"] for m in read_metrics(run_dir) if "val/loss" in m]
+    assert val_a == val_b
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith(".")) == \
+        ["step_000012", "step_000016"]  # keep_last=2
+
+
+def test_resume_from_an_incompatible_checkpoint_is_refused(train_cli, tmp_path):
+    first = train_cli("trainer.max_steps=2", "trainer.run_name=compat")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train_cli("trainer.max_steps=4", "trainer.run_name=compat", "residual.n=2")
+    assert again.returncode == 2
+    assert "residual.n=2: the checkpoint" in again.stderr and "was trained with residual.n=4" in again.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("residual.n=0", "error: residual.n=0"),
+    ("model.n_heads=3", "error: model.n_heads=3: model.d_model=64 must be divisible by it"),
+    ("residual.sinkhorn_iters=0", "error: residual.sinkhorn_iters=0"),
+    ("data.seq_len=512", "error: data.seq_len=512: longer than the model's context"),
+    ("data=local", "error: data.files=[]"),
+])
+def test_bad_config_stops_before_any_work(train_cli, tmp_path, override, message):
+    extra = ["data.files=[]"] if override == "data=local" else []
+    result = train_cli(override, *extra, "trainer.run_name=bad")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and "Tokenizing" not in result.stderr
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+
+
+def test_export_loads_with_auto_classes_and_matches_the_checkpoint(train_cli, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = train_cli("trainer.max_steps=4", "trainer.run_name=export")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "export"
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
+    reference = AutoModelForCausalLM.from_config(model.config).eval()
+    state = load_file(run_dir / "checkpoints" / "step_000004" / "model.safetensors")
+    reference.load_state_dict(state, strict=False)  # lm_head is tied to the embedding
+    reference.tie_weights()
+    ids = tokenizer("To be, or not to be", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    text = tokenizer.decode(model.generate(ids, max_new_tokens=5, do_sample=False)[0])
+    assert text.startswith("To be, or not to be")

@@ -1,0 +1,214 @@
+"""Pretrain an mhc-lm GPT.
+
+    python train.py                                   # small mHC GPT (n = 4) on the bundled corpus
+    python train.py residual=residual                 # the plain pre-norm baseline, same budget
+    python train.py model=base residual=mhc data=local data.files=[corpus/*.txt] trainer.max_steps=20000
+
+Reads top to bottom: validate the config, prepare data, build the model, resume if a checkpoint
+exists, then the loop (lr from the step, gradient accumulation with the loss normalized per token,
+clipping, logging, periodic validation and checkpoints), and a final Hugging Face export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from mhc_lm.config import ConfigError, TrainConfig, register_configs, validate
+
+register_configs()
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    # Several CPU processes (torchrun / accelerate launch without GPUs) talk over gloo. Naming a
+    # backend in a single process would make accelerate expect a process group, so only then.
+    distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
+    return Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        gradient_accumulation_steps=cfg.trainer.grad_accum,
+        dynamo_backend="inductor" if cfg.trainer.compile else None,
+        kwargs_handlers=handlers,
+    )
+
+
+def quiet_library_logs() -> None:
+    """Keep the console to our progress bar and results: accelerate logs every checkpoint file at INFO."""
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    # Tied embeddings: accelerate notes that lm_head.weight (shared with the embedding) is not saved twice.
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> float:
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+    from mhc_lm.data import BlockLoader, eval_batches, prepare_data, unigram_loss
+    from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity, token_loss_sum
+    from mhc_lm.model import MhcForCausalLM, build_config
+    from mhc_lm.optim import build_optimizer, lr_at, set_lr
+    from mhc_lm.tracking import Tracker
+
+    # 1. Everything that can be checked without doing work.
+    validate(cfg)
+    quiet_library_logs()
+    tcfg = cfg.trainer
+    run_config = {"model": dataclasses.asdict(cfg.model), "residual": dict(cfg.residual)}
+    checkpoint = resolve_resume(tcfg.resume, run_dir)
+    if checkpoint is not None:
+        check_compatible(checkpoint, run_config)
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    accelerator = make_accelerator(cfg)
+    set_seed(tcfg.seed)
+    is_main = accelerator.is_main_process
+
+    # 2. Data: documents -> tokenizer -> packed token streams (rank 0 first, the others read its cache).
+    with accelerator.main_process_first():
+        data = prepare_data(cfg.data)
+    vocab_size = cfg.model.vocab_size or cfg.model.vocab_multiple * math.ceil(data.vocab_size / cfg.model.vocab_multiple)
+    if vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's {data.vocab_size} tokens; "
+                          f"allowed: >= {data.vocab_size}, or null")
+    loader = BlockLoader(data.train, cfg.data.seq_len, tcfg.batch_size, tcfg.seed,
+                         accelerator.process_index, accelerator.num_processes)
+
+    # 3. Model and optimizer.
+    model_config = build_config(cfg.model, cfg.residual, vocab_size, data.eot_id)
+    model = MhcForCausalLM(model_config)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step, tokens_seen, train_time = 0, 0, 0.0
+    if checkpoint is not None:
+        trainer_state, data_state = load_checkpoint(accelerator, checkpoint)
+        loader.load_state_dict(data_state)
+        step, tokens_seen, train_time = trainer_state["step"], trainer_state["tokens_seen"], trainer_state["train_time"]
+        accelerator.print(f"Resumed from {checkpoint} at step {step}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes * cfg.data.seq_len
+    unigram = unigram_loss(data.train, data.validation, data.vocab_size)
+    peak = peak_flops(accelerator.device)
+    step_flops = flops_per_token(model_config, cfg.data.seq_len) * tokens_per_step
+    tracker = Tracker(cfg.logger, run_dir, {**dataclasses.asdict(cfg), "n_params": n_params}, enabled=is_main)
+    accelerator.print(f"{n_params / 1e6:.2f}M parameters | residual={cfg.residual['name']} n={model_config.num_streams}"
+                      f" | {tokens_per_step} tokens/step | train {len(data.train):,} tokens | "
+                      f"unigram val loss {unigram:.3f} | run dir {run_dir}")
+
+    def validation_loss() -> float:
+        batches = eval_batches(data.validation, cfg.data.seq_len, tcfg.batch_size, tcfg.eval_batches,
+                               accelerator.process_index, accelerator.num_processes)
+        return evaluate_loss(model, batches, accelerator)
+
+    def checkpoint_now() -> None:
+        trainer_state = {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
+        save_checkpoint(accelerator, run_dir, step, trainer_state, loader.state_dict(), run_config, tcfg.keep_last)
+
+    # 4. The loop. One iteration = one optimizer step = grad_accum micro-batches per process.
+    model.train()
+    val_loss = float("nan")
+    progress = tqdm(total=tcfg.max_steps, initial=step, disable=not is_main, desc="Training", unit="step")
+    while step < tcfg.max_steps:
+        started = time.perf_counter()
+        lr = lr_at(step, cfg.optim, tcfg.max_steps)
+        set_lr(optimizer, lr)
+        batches = [loader.next_batch().to(accelerator.device) for _ in range(tcfg.grad_accum)]
+        # Normalize by the tokens of the whole step on all ranks. accelerate divides each micro-batch
+        # loss by grad_accum and DDP averages over ranks: undo both so the gradient is sum / tokens.
+        step_tokens = accelerator.reduce(torch.tensor(sum(b[:, 1:].numel() for b in batches),
+                                                      device=accelerator.device), reduction="sum").item()
+        scale = tcfg.grad_accum * accelerator.num_processes / step_tokens
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    micro_loss, _ = token_loss_sum(model, batch)
+                accelerator.backward(micro_loss * scale)
+                loss_sum += micro_loss.detach()
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
+        step += 1
+        tokens_seen += step_tokens
+        step_time = time.perf_counter() - started
+        train_time += step_time
+        progress.update(1)
+
+        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+                       "train/tokens_per_s": step_tokens / step_time, "train/step_time_s": step_time,
+                       "train/tokens_seen": tokens_seen}
+            if peak:
+                metrics["train/mfu"] = step_flops / step_time / (peak * accelerator.num_processes)
+            tracker.log(metrics, step)
+            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_time:,.0f}")
+        if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
+            val_loss = validation_loss()
+            tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, step)
+            progress.write(f"step {step}: val loss {val_loss:.4f} (unigram {unigram:.3f})")
+        stop_now = tcfg.stop_at_step is not None and step >= tcfg.stop_at_step
+        if (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.max_steps or stop_now:
+            checkpoint_now()
+        if stop_now:
+            break
+    progress.close()
+    if step < tcfg.max_steps:
+        tracker.finish()
+        accelerator.end_training()
+        accelerator.print(f"run dir: {run_dir} | stopped at step {step} of {tcfg.max_steps}; "
+                          f"continue with: python train.py hydra.run.dir={run_dir} trainer.resume=auto")
+        return val_loss
+
+    # 5. The final model as a Hugging Face export, with its tokenizer.
+    if math.isnan(val_loss):  # resumed at max_steps: nothing ran, still report the model's loss
+        val_loss = validation_loss()
+    if tcfg.export:
+        export_dir = run_dir / "export"
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(export_dir, state_dict=accelerator.get_state_dict(model),
+                                  is_main_process=is_main, safe_serialization=True)
+        if is_main:
+            data.tokenizer.save_pretrained(export_dir)
+    tracker.log({"final/val_loss": val_loss, "final/unigram_loss": unigram}, step)
+    tracker.finish()
+    tokens_per_s = tokens_seen / train_time if train_time else float("nan")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    accelerator.print(f"run dir: {run_dir} | final val loss: {val_loss:.4f} (unigram {unigram:.3f}) | "
+                      f"tokens/s: {tokens_per_s:,.0f}")
+    return val_loss
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(dict_cfg: DictConfig) -> float:
+    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return train(cfg, run_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
