@@ -11,7 +11,6 @@ names the option, the value and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 from dataclasses import dataclass, field
@@ -156,7 +155,7 @@ def validate_model(model: ModelConfig) -> None:
     _check_min("model.vocab_multiple", model.vocab_multiple, 1)
 
 
-def validate_residual(residual: dict[str, Any], d_model: int) -> None:
+def validate_residual(residual: dict[str, Any]) -> None:
     from .residual import COLLAPSE_MODES, MIXERS, make_mixer, mixer_options
 
     name = residual.get("name")
@@ -268,13 +267,9 @@ def validate_logger(logger: LoggerConfig) -> None:
 def validate(cfg: TrainConfig) -> None:
     """Check every option of a run; raise ConfigError on the first bad one."""
     validate_model(cfg.model)
-    validate_residual(cfg.residual, cfg.model.d_model)
+    validate_residual(cfg.residual)
     validate_data(cfg.data, cfg.model)
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer)
     validate_logger(cfg.logger)
 
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain, JSON-able dict of a (nested) config dataclass."""
-    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)

@@ -55,7 +55,7 @@ class Tracker:
         run = wandb.init(project=cfg.project, entity=cfg.entity, name=self.run_dir.name, id=run_id, resume="allow",
                          dir=str(self.run_dir), config=config, mode=mode, tags=list(cfg.tags))
         if mode == "offline":
-            print(f"W&B is logging offline (no API key found); upload later with: wandb sync {run.dir}/..")
+            print(f"W&B is logging offline; upload later with: wandb sync {Path(run.dir).parent}")
         return run
 
     def log(self, metrics: dict[str, float], step: int) -> None:

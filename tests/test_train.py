@@ -115,3 +115,22 @@ def test_export_loads_with_auto_classes_and_matches_the_checkpoint(train_cli, tm
         assert torch.equal(model(ids).logits, reference(ids).logits)
     text = tokenizer.decode(model.generate(ids, max_new_tokens=5, do_sample=False)[0])
     assert text.startswith("To be, or not to be")
+
+
+def test_gradient_accumulation_normalizes_per_token(train_cli, tmp_path):
+    """Two micro-batches of 4 give the same steps as one batch of 8 (same blocks, loss per token)."""
+    one = train_cli("trainer.max_steps=3", "trainer.batch_size=8", "trainer.run_name=accum1")
+    two = train_cli("trainer.max_steps=3", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.run_name=accum2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    a, b = train_losses(tmp_path / "runs" / "accum1"), train_losses(tmp_path / "runs" / "accum2")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5)
+
+
+def test_wandb_defaults_to_offline_without_an_api_key(train_cli, tmp_path):
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path)}
+    result = train_cli("logger=wandb", "trainer.max_steps=2", "trainer.run_name=wb", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B is logging offline; upload later with: wandb sync" in result.stdout
+    assert list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
