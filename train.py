@@ -55,13 +55,42 @@ def quiet_library_logs() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
+def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_clip: float):
+    """One optimizer step over this process's micro-batches; returns (loss per token, grad norm, tokens).
+
+    The loss is normalized by the tokens of the whole step on all ranks. accelerate divides each
+    micro-batch loss by grad_accum and DDP averages over ranks: we undo both, so the gradient is
+    (sum of token losses) / (tokens in the step), whatever the accumulation and the world size.
+    """
+    from mhc_lm.metrics import token_loss_sum
+
+    device, world = accelerator.device, accelerator.num_processes
+    local_tokens = torch.tensor(sum(b[:, 1:].numel() for b in batches), device=device)
+    step_tokens = accelerator.reduce(local_tokens, reduction="sum").item()
+    scale = len(batches) * world / step_tokens
+    loss_sum = torch.zeros((), device=device)
+    grad_norm = torch.zeros(())
+    for batch in batches:
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                micro_loss, _ = token_loss_sum(model, batch)
+            accelerator.backward(micro_loss * scale)
+            loss_sum += micro_loss.detach()
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
+    return loss, float(grad_norm), step_tokens
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> float:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+    from mhc_lm.checkpoint import check_compatible, export_model, load_checkpoint, resolve_resume, save_checkpoint
     from mhc_lm.data import BlockLoader, eval_batches, prepare_data, unigram_loss
-    from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity, token_loss_sum
+    from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer, lr_at, set_lr
     from mhc_lm.tracking import Tracker
@@ -130,23 +159,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         lr = lr_at(step, cfg.optim, tcfg.max_steps)
         set_lr(optimizer, lr)
         batches = [loader.next_batch().to(accelerator.device) for _ in range(tcfg.grad_accum)]
-        # Normalize by the tokens of the whole step on all ranks. accelerate divides each micro-batch
-        # loss by grad_accum and DDP averages over ranks: undo both so the gradient is sum / tokens.
-        step_tokens = accelerator.reduce(torch.tensor(sum(b[:, 1:].numel() for b in batches),
-                                                      device=accelerator.device), reduction="sum").item()
-        scale = tcfg.grad_accum * accelerator.num_processes / step_tokens
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for batch in batches:
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    micro_loss, _ = token_loss_sum(model, batch)
-                accelerator.backward(micro_loss * scale)
-                loss_sum += micro_loss.detach()
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
+        loss, grad_norm, step_tokens = train_step(model, optimizer, batches, accelerator, cfg.optim.grad_clip)
         step += 1
         tokens_seen += step_tokens
         step_time = time.perf_counter() - started
@@ -154,7 +167,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         progress.update(1)
 
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
+            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                        "train/tokens_per_s": step_tokens / step_time, "train/step_time_s": step_time,
                        "train/tokens_seen": tokens_seen}
             if peak:
@@ -182,12 +195,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     if math.isnan(val_loss):  # resumed at max_steps: nothing ran, still report the model's loss
         val_loss = validation_loss()
     if tcfg.export:
-        export_dir = run_dir / "export"
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(export_dir, state_dict=accelerator.get_state_dict(model),
-                                  is_main_process=is_main, safe_serialization=True)
-        if is_main:
-            data.tokenizer.save_pretrained(export_dir)
+        export_model(accelerator, model, data.tokenizer, run_dir / "export")
     tracker.log({"final/val_loss": val_loss, "final/unigram_loss": unigram}, step)
     tracker.finish()
     tokens_per_s = tokens_seen / train_time if train_time else float("nan")

@@ -111,3 +111,15 @@ def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, dict]:
     accelerator.load_state(str(checkpoint))
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
     return trainer_state, json.loads(data_file.read_text())
+
+
+def export_model(accelerator, model, tokenizer, export_dir: str | Path) -> Path:
+    """Write the trained model as a Hugging Face model (safetensors + config) with its tokenizer."""
+    export_dir = Path(export_dir)
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(export_dir, state_dict=accelerator.get_state_dict(model),
+                              is_main_process=accelerator.is_main_process, safe_serialization=True)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(export_dir)
+    accelerator.wait_for_everyone()
+    return export_dir
