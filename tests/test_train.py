@@ -101,6 +101,8 @@ def test_export_loads_with_auto_classes_and_matches_the_checkpoint(train_cli, tm
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import mhc_lm.model  # noqa: F401  (registers the architecture with the Auto classes)
+
     result = train_cli("trainer.max_steps=4", "trainer.run_name=export")
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "export"
