@@ -65,7 +65,9 @@ def train_cli(cache_dir, tmp_path):
     """Call train.py with the tiny settings, writing runs under tmp_path."""
 
     def run(*overrides: str, env: dict | None = None):
-        args = [*TINY_RUN, f"trainer.output_dir={tmp_path / 'runs'}", f"data.cache_dir={cache_dir}", *overrides]
+        given = {o.split("=", 1)[0] for o in overrides}
+        defaults = [o for o in TINY_RUN if o.split("=", 1)[0] not in given]  # a test's override wins
+        args = [*defaults, f"trainer.output_dir={tmp_path / 'runs'}", f"data.cache_dir={cache_dir}", *overrides]
         return run_cli("train.py", *args, env=env)
 
     return run
