@@ -159,6 +159,19 @@ def test_gradients_reach_every_connection_parameter_on_extreme_inputs(name, n):
     assert torch.isfinite(streams.grad).all()
 
 
+@pytest.mark.parametrize("name,n", cases(tuple(v for v in GENERATED if v != "ihc")))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_projection_gradients_are_finite_on_extreme_logits(name, n, dtype):
+    mixer = make_mixer(name, 8, n, 0)
+    for kind, logits in logit_sets(mixer, dtype, seed=1).items():
+        logits = logits[:32].clone().requires_grad_()
+        comb = mixer.project(logits)
+        (grad,) = torch.autograd.grad((comb * torch.randn_like(comb)).sum(), logits)
+        assert torch.isfinite(grad).all(), kind
+        if kind != "near-permutation":  # there every logit sits at +-50, where tanh/sigmoid saturate exactly
+            assert grad.abs().sum() > 0, kind
+
+
 @pytest.mark.parametrize("name,n,message", [
     ("mhc_lite", 7, "residual.n=7: mhc_lite mixes all n! permutations"),
     ("kromhc", 6, "residual.n=6: kromhc needs a power of 2"),
