@@ -6,7 +6,8 @@
 
 Reads top to bottom: validate the config, prepare data, build the model, resume if a checkpoint
 exists, then the loop (lr from the step, gradient accumulation with the loss normalized per token,
-clipping, logging, periodic validation and checkpoints), and a final Hugging Face export.
+clipping, logging, periodic validation and checkpoints), and a final Hugging Face export that carries
+its modeling code.
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mhc_lm.checkpoint import check_compatible, export_model, load_checkpoint, resolve_resume, save_checkpoint
+    from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
     from mhc_lm.data import BlockLoader, eval_batches, prepare_data, unigram_loss
+    from mhc_lm.export import export_model
     from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer, lr_at, set_lr
@@ -146,9 +148,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
                                accelerator.process_index, accelerator.num_processes)
         return evaluate_loss(model, batches, accelerator)
 
+    def trainer_state() -> dict:
+        return {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
+
     def checkpoint_now() -> None:
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
-        save_checkpoint(accelerator, run_dir, step, trainer_state, loader.state_dict(), run_config, tcfg.keep_last)
+        save_checkpoint(accelerator, run_dir, step, trainer_state(), loader.state_dict(), run_config,
+                        tcfg.keep_last, model_config=model_config, tokenizer=data.tokenizer)
 
     # 4. The loop. One iteration = one optimizer step = grad_accum micro-batches per process.
     model.train()
@@ -191,11 +196,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
                           f"continue with: python train.py hydra.run.dir={run_dir} trainer.resume=auto")
         return val_loss
 
-    # 5. The final model as a Hugging Face export, with its tokenizer.
+    # 5. The final model as a Hugging Face export (tokenizer and modeling code included).
     if math.isnan(val_loss):  # resumed at max_steps: nothing ran, still report the model's loss
         val_loss = validation_loss()
     if tcfg.export:
-        export_model(accelerator, model, data.tokenizer, run_dir / "export")
+        export_model(accelerator, model, data.tokenizer, run_dir / "export", trainer_state=trainer_state())
     tracker.log({"final/val_loss": val_loss, "final/unigram_loss": unigram}, step)
     tracker.finish()
     tokens_per_s = tokens_seen / train_time if train_time else float("nan")
