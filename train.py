@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
 
     from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
     from mhc_lm.data import BlockLoader, eval_batches, prepare_data, unigram_loss
-    from mhc_lm.export import export_model
+    from mhc_lm.export import check_bundle, export_model
     from mhc_lm.hub import check_push_access, push
     from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
     from mhc_lm.model import MhcForCausalLM, build_config
@@ -107,6 +107,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     if checkpoint is not None:
         check_compatible(checkpoint, run_config)
     hub = cfg.hub
+    if tcfg.export or hub.push:
+        check_bundle()  # the export's modeling code: a bundling problem shows now, not after training
     if (hub.push or hub.push_checkpoints) and int(os.environ.get("RANK", "0")) == 0:
         check_push_access(hub.repo, option="hub.repo")  # a token that can write, before hours of training
     if tcfg.num_threads:

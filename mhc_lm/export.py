@@ -102,22 +102,46 @@ def has_bundled_code(folder: str | Path) -> bool:
 # The code bundle
 
 
+HEADER = "# Bundled by mhc_lm.export"
+
+
 def bundle_modeling_code(export_dir: str | Path, config_class: str, model_class: str,
                          package_dir: str | Path | None = None) -> list[Path]:
     """Write the flattened modeling code of `package_dir` (default: mhc_lm) into `export_dir` and point
     config.json's `auto_map` at it. Returns the files written."""
+    export_dir = Path(export_dir)
+    for stale in export_dir.glob("*.py"):  # a previous bundle's files (a variant may have gone since)
+        if stale.read_text(encoding="utf-8").startswith(HEADER):
+            stale.unlink()
+    written = write_bundle(export_dir, package_dir)
+    config_path = export_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoConfig": f"{ENTRY_FILE}.{config_class}",
+                          "AutoModelForCausalLM": f"{ENTRY_FILE}.{model_class}"}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return written
+
+
+def check_bundle(package_dir: str | Path | None = None) -> None:
+    """Raise BundleError now if the code cannot be bundled (train.py calls it before training)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        write_bundle(Path(scratch), package_dir)
+
+
+def write_bundle(folder: Path, package_dir: str | Path | None = None) -> list[Path]:
+    """Write the flat files and check, with transformers' own functions, that its loader copies them
+    all and that they require nothing beyond ALLOWED_IMPORTS outside a guard."""
     from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
     package_dir = Path(package_dir) if package_dir is not None else Path(__file__).resolve().parent
-    export_dir = Path(export_dir)
-    sources = flatten_package(package_dir)
     written = []
-    for flat, text in sources.items():
-        path = export_dir / f"{flat}.py"
-        path.write_text(text)
+    for flat, text in flatten_package(package_dir).items():
+        path = folder / f"{flat}.py"
+        path.write_text(text, encoding="utf-8")
         written.append(path)
-    entry = export_dir / f"{ENTRY_FILE}.py"
-    # Check with transformers' own functions what its loader will do with these files.
+    entry = folder / f"{ENTRY_FILE}.py"
     reached = {Path(p).name for p in get_relative_import_files(entry)} | {entry.name}
     missing = sorted({p.name for p in written} - reached)
     if missing:
@@ -128,11 +152,6 @@ def bundle_modeling_code(export_dir: str | Path, config_class: str, model_class:
         if required:
             raise BundleError(f"{path.name} imports {', '.join(sorted(required))} outside a try/except ImportError; "
                               f"the export may only require {', '.join(sorted(ALLOWED_IMPORTS))}")
-    config_path = export_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    config["auto_map"] = {"AutoConfig": f"{ENTRY_FILE}.{config_class}",
-                          "AutoModelForCausalLM": f"{ENTRY_FILE}.{model_class}"}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return written
 
 
@@ -259,7 +278,7 @@ def rewrite_module(module: SourceModule, modules: dict[str, SourceModule], root:
         edits.append((node, flat_import(node, target, modules)))
     for node, statements in sorted(edits, key=lambda e: -e[0].lineno):
         replace_statement(lines, node, statements, module.path)
-    header = f"# Bundled by mhc_lm.export from {root}/{module.path.relative_to(package_dir)}; imports rewritten.\n"
+    header = f"{HEADER} from {root}/{module.path.relative_to(package_dir)}; imports rewritten.\n"
     return header + "".join(lines), added
 
 

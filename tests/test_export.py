@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import mhc_lm
-from mhc_lm.export import BundleError, bundle_modeling_code, flatten_package
+from mhc_lm.export import BundleError, bundle_modeling_code, check_bundle, flatten_package
 
 PACKAGE = Path(mhc_lm.__file__).resolve().parent
 
@@ -119,11 +119,23 @@ def test_an_isolated_python_cannot_import_mhc_lm(tmp_path):
     assert result.returncode != 0 and "No module named 'mhc_lm'" in result.stderr
 
 
-def test_an_unguarded_kernel_import_is_refused(tmp_path):
+def test_an_unguarded_kernel_import_is_refused_before_any_export(tmp_path):
     package = copy_package(tmp_path, {"residual/fast.py": "from ..kernels import fused  # noqa\n"})
     with pytest.raises(BundleError, match=r"fast.py:1: mhc_lm.kernels is not part of the exported model; import it "
                                           r"inside `try: ... except ImportError:`"):
-        flatten_package(package)
+        check_bundle(package)  # what train.py runs before training
+    check_bundle()  # mhc_lm itself bundles
+
+
+def test_a_new_bundle_replaces_the_files_of_an_old_one(tiny_run, tmp_path):
+    export = tmp_path / "export"
+    shutil.copytree(tiny_run / "export", export)
+    (export / "notes.py").write_text("# the user's own file\n")
+    package = copy_package(tmp_path, {"residual/zz_probe.py": PROBE_MODULE})
+    bundle_modeling_code(export, "MhcConfig", "MhcForCausalLM", package_dir=package)
+    assert (export / "residual_zz_probe.py").exists()
+    bundle_modeling_code(export, "MhcConfig", "MhcForCausalLM")  # the variant is gone from mhc_lm
+    assert not (export / "residual_zz_probe.py").exists() and (export / "notes.py").exists()
 
 
 def test_modules_outside_the_residual_package_are_bundled_when_imported(tmp_path):
