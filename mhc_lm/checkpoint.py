@@ -133,12 +133,10 @@ def load_model_from_checkpoint(checkpoint: str | Path):
     fall back on `run_config.json` plus the embedding's shape. The tokenizer comes from the checkpoint,
     else from the run's export, else from the run's Hydra config (the cached BPE).
     """
-    from safetensors.torch import load_file
-
     from .model import MhcConfig, MhcForCausalLM
 
     checkpoint = Path(checkpoint)
-    state = {strip_wrapper_prefix(k): v for k, v in load_file(checkpoint / "model.safetensors").items()}
+    state = {strip_wrapper_prefix(k): v for k, v in checkpoint_weights(checkpoint).items()}
     tokenizer = checkpoint_tokenizer(checkpoint)
     if (checkpoint / "config.json").exists():
         config = MhcConfig.from_pretrained(checkpoint)
@@ -152,6 +150,27 @@ def load_model_from_checkpoint(checkpoint: str | Path):
                          f"unexpected {sorted(unexpected)}")
     model.tie_weights()
     return model.eval(), tokenizer
+
+
+DEEPSPEED_TAG = "pytorch_model"  # the folder accelerate's save_state gives DeepSpeed's engine.save_checkpoint
+
+
+def has_weights(checkpoint: Path) -> bool:
+    """Weights as accelerate writes them: model.safetensors, or DeepSpeed's (ZeRO-sharded) folder."""
+    return (checkpoint / "model.safetensors").exists() or (checkpoint / DEEPSPEED_TAG).is_dir()
+
+
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """The full fp32 state dict of a checkpoint, consolidated from ZeRO shards when DeepSpeed wrote it."""
+    if (checkpoint / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint / "model.safetensors")
+    if (checkpoint / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    raise ValueError(f"{checkpoint}: no model.safetensors and no DeepSpeed {DEEPSPEED_TAG}/ folder")
 
 
 def strip_wrapper_prefix(key: str) -> str:

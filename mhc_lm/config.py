@@ -78,6 +78,7 @@ class TrainerConfig:
     max_steps: int = 300
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
+    global_batch_size: Optional[int] = None  # sequences per optimizer step on all processes: derives grad_accum
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100  # 0: only the final checkpoint
@@ -160,10 +161,16 @@ class EvalConfig:
 
 
 def register_configs() -> None:
+    """The root schema for Hydra, and the `rank_zero_or` resolver: `${rank_zero_or:a,b}` is `a` on
+    rank 0 and `b` elsewhere (only rank 0 writes .hydra/ and the log file)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+    if not OmegaConf.has_resolver("rank_zero_or"):
+        OmegaConf.register_new_resolver(
+            "rank_zero_or", lambda value, other: value if int(os.environ.get("RANK", "0")) == 0 else other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +306,7 @@ def validate_trainer(trainer: TrainerConfig) -> None:
         _check_min(f"trainer.{key}", getattr(trainer, key), 1)
     _check_min("trainer.ckpt_every", trainer.ckpt_every, 0)
     _check_choice("trainer.precision", trainer.precision, PRECISIONS)
-    for key in ("num_threads", "stop_at_step"):
+    for key in ("num_threads", "stop_at_step", "global_batch_size"):
         if getattr(trainer, key) is not None:
             _check_min(f"trainer.{key}", getattr(trainer, key), 1)
     resume = trainer.resume

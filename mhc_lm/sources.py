@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import STEP_DIR, list_checkpoints, read_trainer_state
+from .checkpoint import STEP_DIR, has_weights, list_checkpoints, read_trainer_state
 from .config import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -36,7 +36,7 @@ class ModelSource:
 
 def is_checkpoint(path: Path) -> bool:
     """A training checkpoint (an export also has trainer_state.json, but never run_config.json)."""
-    return all((path / name).exists() for name in ("trainer_state.json", "run_config.json", "model.safetensors"))
+    return all((path / name).exists() for name in ("trainer_state.json", "run_config.json")) and has_weights(path)
 
 
 def is_export(path: Path) -> bool:
@@ -81,7 +81,7 @@ def resolve_sources(spec: str, checkpoints: str = "last", option: str = "models"
         if found:
             return [checkpoint_source(found[-1])]
         raise ConfigError(f"{option}={spec!r}: a directory with neither a checkpoint (trainer_state.json, "
-                          "run_config.json, model.safetensors), a model (config.json), checkpoints/step_N nor export/; allowed: "
+                          "run_config.json, weights), a model (config.json), checkpoints/step_N nor export/; allowed: "
                           "a checkpoint, a run directory, an exported folder or a Hub id")
     local_parent = path.parent != Path(".") and path.parent.is_dir()  # runs/typo is a path, not a Hub id
     if path.exists() or local_parent or STEP_DIR.match(path.name) or not HUB_ID.match(spec):
