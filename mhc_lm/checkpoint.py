@@ -3,7 +3,7 @@
 A checkpoint is a directory `RUN/checkpoints/step_000123/` holding:
   - what `accelerator.save_state` writes: model weights, optimizer state, every process's RNG state;
   - `trainer_state.json`: step, tokens seen, elapsed training time;
-  - `data_state_rank{r}.json`: each rank's data position;
+  - `data_state_rank{r}.json`: each rank's data position (format: `mhc_lm/data/state.py`);
   - `run_config.json`: the model and residual configuration, to refuse an incompatible resume.
 
 Every rank writes into `checkpoints/.tmp-step_000123/`; once all are done, rank 0 renames it. A
@@ -101,16 +101,17 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, dict]:
-    """Restore model, optimizer and RNG in place; return (trainer_state, this rank's data state)."""
-    data_file = checkpoint / f"data_state_rank{accelerator.process_index}.json"
-    if not data_file.exists():
-        saved_ranks = len(list(checkpoint.glob("data_state_rank*.json")))
-        raise ConfigError(f"trainer.resume={str(checkpoint)!r}: saved by {saved_ranks} process(es), this run has "
-                          f"{accelerator.num_processes}; allowed: resume with the same number of processes")
+def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, list[dict]]:
+    """Restore model, optimizer and RNG in place; return (trainer_state, the data state of every saved rank).
+
+    The data states are indexed by the rank that saved them; `mhc_lm.data.state_for_rank` picks the one
+    this rank resumes from (or refuses a world size the data source cannot be resumed with).
+    """
+    saved_ranks = len(list(checkpoint.glob("data_state_rank*.json")))
+    data_states = [json.loads((checkpoint / f"data_state_rank{r}.json").read_text()) for r in range(saved_ranks)]
     accelerator.load_state(str(checkpoint))
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return trainer_state, json.loads(data_file.read_text())
+    return trainer_state, data_states
 
 
 def export_model(accelerator, model, tokenizer, export_dir: str | Path) -> Path:

@@ -136,3 +136,24 @@ def test_wandb_defaults_to_offline_without_an_api_key(train_cli, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B is logging offline; upload later with: wandb sync" in result.stdout
     assert list((tmp_path / "runs" / "wb" / "wandb").glob("offline-run-*"))
+
+
+def test_a_streamed_dataset_resumes_with_the_uninterrupted_losses(train_cli, tmp_path):
+    from data_worker import write_corpus
+
+    write_corpus(tmp_path / "corpus")
+    common = ["data=hub", f"data.path={tmp_path / 'corpus'}", "data.val_docs=4", "data.sample_docs=40",
+              "data.shuffle_buffer=16", "trainer.max_steps=8", "trainer.ckpt_every=4", "trainer.eval_every=4",
+              "trainer.export=false"]
+    straight = train_cli(*common, "trainer.run_name=stream-straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "train streamed from" in straight.stdout
+    stopped = train_cli(*common, "trainer.run_name=stream-resumed", "trainer.stop_at_step=4")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    state = json.loads((tmp_path / "runs" / "stream-resumed" / "checkpoints" / "step_000004" /
+                        "data_state_rank0.json").read_text())
+    assert (state["version"], state["kind"], state["world_size"]) == (1, "stream", 1) and state["hf_state"]
+    resumed = train_cli(*common, "trainer.run_name=stream-resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = train_losses(tmp_path / "runs" / "stream-straight"), train_losses(tmp_path / "runs" / "stream-resumed")
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]  # bitwise, on CPU
