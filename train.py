@@ -37,10 +37,12 @@ def make_accelerator(cfg: TrainConfig):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     # Several CPU processes (torchrun / accelerate launch without GPUs) talk over gloo. Naming a
-    # backend in a single process would make accelerate expect a process group, so only then.
+    # backend in a single process would make accelerate expect a process group, so only then; and
+    # accelerate only sets up MULTI_CPU (DDP, barriers) when told cpu=True.
     distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
     return Accelerator(
+        cpu=distributed_cpu,
         mixed_precision="no" if precision == "fp32" else precision,
         gradient_accumulation_steps=cfg.trainer.grad_accum,
         dynamo_backend="inductor" if cfg.trainer.compile else None,

@@ -61,6 +61,7 @@ class DataConfig:
     dir: Optional[str] = None  # shards: a directory written by python -m mhc_lm.data prepare
     shuffle: bool = True  # shuffle blocks each epoch (hub: shard order and a block buffer)
     shuffle_buffer: int = 256  # hub: blocks in the shuffle buffer (saved with every checkpoint)
+    prefetch: int = 4  # hub: batches prepared ahead by a background thread (0: in the training loop)
     tokenizer: str = "bpe"  # "bpe": train a byte-level BPE on the train split; else a HF name or path
     vocab_size: int = 4096  # for tokenizer=bpe
     seq_len: int = 256
@@ -252,6 +253,7 @@ def _validate_hub(data: DataConfig) -> None:
     for key in ("val_docs", "sample_docs"):
         _check_min(f"data.{key}", getattr(data, key), 1)
     _check_min("data.shuffle_buffer", data.shuffle_buffer, 0)
+    _check_min("data.prefetch", data.prefetch, 0)
 
 
 def _validate_shards(data: DataConfig) -> None:

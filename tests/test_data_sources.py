@@ -77,18 +77,19 @@ def test_the_batches_after_a_resume_equal_an_uninterrupted_run(root, world_size)
             assert not np.array_equal(served[0], served[1])
 
 
-def test_a_stream_resumes_exactly_anywhere_even_twice_and_across_epochs(root):
-    straight = stream_loader(root, batch_size=3)
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_a_stream_resumes_exactly_anywhere_even_twice_and_across_epochs(root, prefetch):
+    straight = stream_loader(root, batch_size=3, prefetch=0)
     reference = [straight.next_batch() for _ in range(120)]
     assert straight.epoch >= 1  # the comparison crosses an epoch boundary and its drained buffer
     for stops in ([0], [1], [7, 8], [33, 90], [64, 65, 119]):
-        loader, position = stream_loader(root, batch_size=3), 0
+        loader, position = stream_loader(root, batch_size=3, prefetch=prefetch), 0
         for stop in stops:
             while position < stop:
                 assert torch.equal(loader.next_batch(), reference[position]), (stops, position)
                 position += 1
-            state = json.loads(json.dumps(loader.state_dict()))
-            loader = stream_loader(root, batch_size=3)
+            state = json.loads(json.dumps(loader.state_dict()))  # with prefetch: the batches served, not made
+            loader = stream_loader(root, batch_size=3, prefetch=prefetch)
             loader.load_state_dict(state)
         assert all(torch.equal(loader.next_batch(), reference[p]) for p in range(position, 120)), stops
 

@@ -129,7 +129,7 @@ def make_train_loader(data: TokenData, batch_size: int, seed: int, rank: int = 0
     cfg = data.cfg
     if data.stream is not None:
         return StreamLoader(data.stream, data.tokenizer, cfg.seq_len, batch_size, seed, rank, world_size,
-                            shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer)
+                            shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, prefetch=cfg.prefetch)
     return BlockLoader(data.train, cfg.seq_len, batch_size, seed, rank, world_size, shuffle=cfg.shuffle)
 
 

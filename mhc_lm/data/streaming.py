@@ -27,6 +27,8 @@ packaged loader with `data.data_files` (`data.path=json data.data_files=[corpus/
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -144,28 +146,32 @@ def open_hub(cfg: DataConfig) -> tuple[StreamSource, list[str], list[str]]:
     return source, validation, sample
 
 
-class StreamLoader:
-    """Micro-batches of blocks packed on the fly from this rank's part of a streamed dataset.
+class _Packer:
+    """Reads this rank's documents, packs them into blocks and draws them from the shuffle buffer.
 
-    Same contract as BlockLoader: `next_batch()` returns (batch_size, seq_len + 1) int64 blocks that
-    overlap by one token, an end-of-text token after every document; `state_dict()` /
-    `load_state_dict()` resume exactly (same world size only).
+    Its position (`position()`) is everything the future depends on; the arrays in it are never
+    modified in place, so a snapshot is a shallow copy.
     """
 
-    def __init__(self, source: StreamSource, tokenizer, seq_len: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 256):
-        self.source, self.tokenizer, self.seq_len, self.batch_size = source, tokenizer, seq_len, batch_size
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer if shuffle else 0
-        self.fingerprint = digest(source.fingerprint, tokenizer_fingerprint(tokenizer))
-        self.epoch, self.emitted, self.docs = 0, 0, 0
-        self.hf_state = None  # the dataset's state after the last document read; None: the epoch's start
-        self.carry = np.zeros(0, dtype=np.uint32)  # tokens read, not yet in a block
-        self.pool: list[np.ndarray] = []  # packed (seq_len + 1,) blocks waiting to be emitted
+    def __init__(self, source: StreamSource, tokenizer, seq_len: int, seed: int, rank: int, world_size: int,
+                 shuffle: bool, shuffle_buffer: int):
+        self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
+        self.seed, self.rank, self.world_size, self.shuffle, self.shuffle_buffer = \
+            seed, rank, world_size, shuffle, shuffle_buffer
+        self.restore({"epoch": 0, "emitted": 0, "docs": 0, "hf_state": None,
+                      "carry": np.zeros(0, dtype=np.uint32), "pool": []})
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "emitted": self.emitted, "docs": self.docs, "hf_state": self.hf_state,
+                "carry": self.carry, "pool": list(self.pool)}
+
+    def restore(self, position: dict) -> None:
+        self.epoch, self.emitted, self.docs = position["epoch"], position["emitted"], position["docs"]
+        self.hf_state = position["hf_state"]  # the dataset's state after the last document read; None: epoch start
+        self.carry = position["carry"]  # tokens read, not yet in a block
+        self.pool = list(position["pool"])  # packed (seq_len + 1,) blocks waiting to be emitted
         self._dataset = self._examples = None
         self._exhausted = False
-
-    # -- reading
 
     def _open(self) -> None:
         self._dataset = self.source.open(self.epoch, self.seed, self.shuffle, self.rank, self.world_size)
@@ -201,7 +207,7 @@ class StreamLoader:
             else:
                 self._read()
 
-    def _next_block(self) -> np.ndarray:
+    def next_block(self) -> np.ndarray:
         while True:
             if self._examples is None:
                 self._open()
@@ -220,26 +226,79 @@ class StreamLoader:
             self.epoch, self.emitted, self.docs, self.hf_state = self.epoch + 1, 0, 0, None
             self._examples = None
 
+
+class StreamLoader:
+    """Micro-batches of blocks packed on the fly from this rank's part of a streamed dataset.
+
+    Same contract as BlockLoader: `next_batch()` returns (batch_size, seq_len + 1) int64 blocks that
+    overlap by one token, an end-of-text token after every document; `state_dict()` /
+    `load_state_dict()` resume exactly (same world size only). With `prefetch` > 0 a background thread
+    prepares that many batches ahead (tokenizing overlaps the training step); every batch carries the
+    position after it, and `state_dict()` is the position after the last batch served, so prefetching
+    changes nothing in what is served or saved.
+    """
+
+    def __init__(self, source: StreamSource, tokenizer, seq_len: int, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 256, prefetch: int = 0):
+        self.source, self.tokenizer, self.seq_len, self.batch_size = source, tokenizer, seq_len, batch_size
+        self.seed, self.rank, self.world_size, self.prefetch = seed, rank, world_size, prefetch
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer if shuffle else 0
+        self.fingerprint = digest(source.fingerprint, tokenizer_fingerprint(tokenizer))
+        self._packer = _Packer(source, tokenizer, seq_len, seed, rank, world_size, self.shuffle, self.shuffle_buffer)
+        self._served = self._packer.position()  # the position after the last batch served
+        self._queue = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of this rank the last batch served belongs to (its last block)."""
+        return self._served["epoch"]
+
+    def _produce(self) -> tuple[torch.Tensor, dict]:
+        rows = [self._packer.next_block() for _ in range(self.batch_size)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64)), self._packer.position()
+
+    def _start_prefetch(self) -> None:
+        self._queue = queue.Queue(maxsize=self.prefetch)
+
+        def work() -> None:
+            try:
+                while True:
+                    self._queue.put(self._produce())
+            except BaseException as err:  # surfaces in next_batch, in the training loop
+                self._queue.put(err)
+
+        threading.Thread(target=work, daemon=True, name=f"stream-loader-rank{self.rank}").start()
+
     def next_batch(self) -> torch.Tensor:
         """The next (batch_size, seq_len + 1) int64 micro-batch of this rank."""
-        rows = [self._next_block() for _ in range(self.batch_size)]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
-
-    # -- state
+        if not self.prefetch:
+            batch, self._served = self._produce()
+            return batch
+        if self._queue is None:
+            self._start_prefetch()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, self._served = item
+        return batch
 
     def state_dict(self) -> dict:
         import datasets
 
-        pool = np.stack(self.pool) if self.pool else np.zeros((0, self.seq_len + 1), dtype=np.uint32)
+        served = self._served
+        pool = np.stack(served["pool"]) if served["pool"] else np.zeros((0, self.seq_len + 1), dtype=np.uint32)
         return {"version": STATE_VERSION, "kind": "stream", "source": self.fingerprint, "seed": self.seed,
                 "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer, "seq_len": self.seq_len,
-                "rank": self.rank, "world_size": self.world_size, "epoch": self.epoch, "emitted": self.emitted,
-                "docs": self.docs, "hf_state": self.hf_state, "datasets_version": datasets.__version__,
-                "carry": encode_array(self.carry), "pool": encode_array(pool)}
+                "rank": self.rank, "world_size": self.world_size, "epoch": served["epoch"],
+                "emitted": served["emitted"], "docs": served["docs"], "hf_state": served["hf_state"],
+                "datasets_version": datasets.__version__, "carry": encode_array(served["carry"]),
+                "pool": encode_array(pool)}
 
     def load_state_dict(self, state: dict) -> None:
         import datasets
 
+        if self._queue is not None:
+            raise RuntimeError("load_state_dict must come before the first next_batch of a prefetching loader")
         if state.get("kind") == "stream" and state.get("world_size") != self.world_size:
             raise ConfigError(f"trainer.resume: the streaming data state was saved by {state.get('world_size')} "
                               f"process(es), this run has {self.world_size}; allowed: resume with "
@@ -250,8 +309,7 @@ class StreamLoader:
         if state["datasets_version"] != datasets.__version__:
             warnings.warn(f"the data state was saved with datasets {state['datasets_version']}, this is "
                           f"{datasets.__version__}: the stream position is only exact if its format is unchanged")
-        self.epoch, self.emitted, self.docs, self.hf_state = state["epoch"], state["emitted"], state["docs"], \
-            state["hf_state"]
-        self.carry = decode_array(state["carry"]).astype(np.uint32)
-        self.pool = list(decode_array(state["pool"]).astype(np.uint32))
-        self._dataset = self._examples = None
+        self._packer.restore({"epoch": state["epoch"], "emitted": state["emitted"], "docs": state["docs"],
+                              "hf_state": state["hf_state"], "carry": decode_array(state["carry"]).astype(np.uint32),
+                              "pool": list(decode_array(state["pool"]).astype(np.uint32))})
+        self._served = self._packer.position()
