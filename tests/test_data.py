@@ -174,3 +174,15 @@ def test_unigram_loss_by_hand():
     counts = np.array([3.0, 2.0, 2.0, 1.0])  # add-one over a vocabulary of 4
     p = counts / counts.sum()
     assert unigram_loss(train, val, 4) == pytest.approx(-(np.log(p[0]) + np.log(p[1])) / 2)
+
+
+def test_a_state_saved_before_versioning_resumes_at_the_same_blocks():
+    tokens = np.arange(24 * 8 + 1, dtype=np.uint16)
+    loader = BlockLoader(tokens, 8, batch_size=2, seed=5, rank=1, world_size=2)
+    for _ in range(3):
+        loader.next_batch()
+    legacy = {"epoch": 0, "cursor": 3, "seed": 5, "blocks": 24, "batch_size": 2, "world_size": 2, "rank": 1}
+    restored = BlockLoader(tokens, 8, batch_size=2, seed=5, rank=1, world_size=2)
+    restored.load_state_dict(legacy)
+    assert all(torch.equal(loader.next_batch(), restored.next_batch()) for _ in range(10))
+

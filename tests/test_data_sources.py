@@ -162,6 +162,50 @@ def test_prepare_then_shards_gives_the_tokens_of_the_stream(root, tmp_path):
     assert len(set(epoch)) == len(epoch) and set(epoch) <= set(from_shards)
 
 
+def test_prepare_from_a_yaml_file_stops_at_a_document_end_and_refuses_bad_input(root, tmp_path, capsys):
+    from mhc_lm.data.__main__ import main
+
+    config = tmp_path / "corpus.yaml"
+    config.write_text(f"source: hub\npath: {root / 'corpus'}\nval_docs: 4\nsample_docs: 40\nvocab_size: 512\n")
+    out = tmp_path / "limited"
+    assert main(["prepare", str(config), "--out", str(out), "data.vocab_size=300", "--max-tokens", "1000"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["vocab_size"] == 300 and manifest["source"]["path"] == str(root / "corpus")
+    train = prepare_data(data_config("shards", root, dir=str(out))).train
+    assert 1000 <= len(train) < 1000 + 200 and train[len(train) - 1:][0] == manifest["eot_id"]
+    for argv, message in [
+        (["prepare", str(config), "--out", str(out)], f"--out='{out}': exists and is not empty"),
+        (["prepare", "nope", "--out", str(tmp_path / "x")], "DATA_CONFIG='nope': no such data group or file; "
+                                                           "allowed: bundled, hub, local"),
+        (["prepare", "hub", "--out", str(tmp_path / "x")], "data.path=None: data=hub needs a dataset"),
+        (["prepare", "hub", "--out", str(tmp_path / "x"), "trainer.max_steps=3"], "prepare takes data options only"),
+        (["prepare", str(config), "--out", str(tmp_path / "x"), "--shard-tokens", "0"], "--shard-tokens=0"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+
+def test_prepare_of_local_files_gives_the_cached_token_stream(local_files, tmp_path):
+    from mhc_lm.config import DataConfig
+    from mhc_lm.data.__main__ import main
+
+    files = str(local_files / "*.txt")
+    assert main(["prepare", "local", "--out", str(tmp_path / "out"), f"data.files=[{files}]", "data.vocab_size=300",
+                 "data.val_fraction=0.2", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    cached = prepare_data(DataConfig(source="local", files=[files], vocab_size=300, val_fraction=0.2, seq_len=16,
+                                     cache_dir=str(tmp_path / "cache")))
+    shards = prepare_data(DataConfig(source="shards", dir=str(tmp_path / "out"), seq_len=16))
+    assert np.array_equal(shards.train[:], cached.train) and np.array_equal(shards.validation, cached.validation)
+
+
+@pytest.fixture
+def local_files(tmp_path):
+    for i, doc in enumerate(write_corpus(tmp_path / "jsonl", files=1, docs_per_file=10)):
+        (tmp_path / f"doc{i:02d}.txt").write_text(doc)
+    return tmp_path
+
+
 def test_sharded_tokens_slice_across_shard_ends(tmp_path):
     counts = [5, 0, 1, 7, 3]
     tokens = np.arange(sum(counts), dtype=np.uint32) * 3
@@ -232,3 +276,5 @@ def test_a_missing_text_column_names_the_columns(root):
         prepare_data(data_config("hub", root, text_field="body"))
     with pytest.raises(ConfigError, match="data.split='dev': .* has no such split; allowed: train"):
         prepare_data(data_config("hub", root, split="dev"))
+    with pytest.raises(ConfigError, match="data.val_docs=48: .* too few documents"):
+        prepare_data(data_config("hub", root, val_docs=48))
