@@ -6,7 +6,8 @@
 
 Reads top to bottom: validate the config, prepare data, build the model, resume if a checkpoint
 exists, then the loop (lr from the step, gradient accumulation with the loss normalized per token,
-clipping, logging, periodic validation and checkpoints), and a final Hugging Face export.
+clipping, logging, periodic validation and checkpoints), a final Hugging Face export that carries its
+modeling code, and with hub.push=true its upload to the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -90,8 +91,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mhc_lm.checkpoint import check_compatible, export_model, load_checkpoint, resolve_resume, save_checkpoint
+    from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
     from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
+    from mhc_lm.export import check_bundle, export_model
+    from mhc_lm.hub import check_push_access, push
     from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer, lr_at, set_lr
@@ -105,6 +108,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     checkpoint = resolve_resume(tcfg.resume, run_dir)
     if checkpoint is not None:
         check_compatible(checkpoint, run_config)
+    hub = cfg.hub
+    if tcfg.export or hub.push:
+        check_bundle()  # the export's modeling code: a bundling problem shows now, not after training
+    if (hub.push or hub.push_checkpoints) and int(os.environ.get("RANK", "0")) == 0:
+        check_push_access(hub.repo, option="hub.repo")  # a token that can write, before hours of training
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
     accelerator = make_accelerator(cfg)
@@ -149,9 +157,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
                                accelerator.process_index, accelerator.num_processes)
         return evaluate_loss(model, batches, accelerator)
 
+    def trainer_state() -> dict:
+        return {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
+
     def checkpoint_now() -> None:
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
-        save_checkpoint(accelerator, run_dir, step, trainer_state, loader.state_dict(), run_config, tcfg.keep_last)
+        saved = save_checkpoint(accelerator, run_dir, step, trainer_state(), loader.state_dict(), run_config,
+                                tcfg.keep_last, model_config=model_config, tokenizer=data.tokenizer)
+        if hub.push_checkpoints and is_main:
+            url = push(str(saved), hub.repo, private=hub.private, revision=f"step-{step}", option="hub.repo")
+            progress.write(f"step {step}: pushed to {url}")
 
     # 4. The loop. One iteration = one optimizer step = grad_accum micro-batches per process.
     model.train()
@@ -194,13 +208,17 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
                           f"continue with: python train.py hydra.run.dir={run_dir} trainer.resume=auto")
         return val_loss
 
-    # 5. The final model as a Hugging Face export, with its tokenizer.
+    # 5. The final model as a Hugging Face export (tokenizer and modeling code included), and its upload.
     if math.isnan(val_loss):  # resumed at max_steps: nothing ran, still report the model's loss
         val_loss = validation_loss()
-    if tcfg.export:
-        export_model(accelerator, model, data.tokenizer, run_dir / "export")
+    if tcfg.export or hub.push:
+        export_model(accelerator, model, data.tokenizer, run_dir / "export", trainer_state=trainer_state())
     tracker.log({"final/val_loss": val_loss, "final/unigram_loss": unigram}, step)
     tracker.finish()
+    if hub.push and is_main:  # after the final metrics are written: the model card reads them
+        url = push(str(run_dir), hub.repo, private=hub.private, revision=hub.revision, option="hub.repo",
+                   revision_option="hub.revision")
+        accelerator.print(f"pushed the final model to {url}")
     tokens_per_s = tokens_seen / train_time if train_time else float("nan")
     accelerator.wait_for_everyone()
     accelerator.end_training()

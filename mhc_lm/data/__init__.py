@@ -16,7 +16,8 @@ from .blocks import BlockLoader, eval_batches, gather_blocks, num_blocks
 from .cache import cache_root
 from .documents import bundled_documents, load_documents, split_by_document
 from .shards import ShardedTokens, read_manifest, write_shards
-from .sources import TokenData, documents_for_prepare, make_train_loader, prepare_data, tokenize_documents, unigram_loss
+from .sources import (TokenData, documents_for_prepare, load_data_tokenizer, make_train_loader, prepare_data,
+                      tokenize_documents, unigram_loss)
 from .state import STATE_VERSION, state_for_rank
 from .streaming import StreamLoader, StreamSource, open_hub
 from .tokenizer import EOT, encode_texts, get_tokenizer, train_bpe
@@ -24,7 +25,7 @@ from .tokenizer import EOT, encode_texts, get_tokenizer, train_bpe
 __all__ = [
     "BlockLoader", "EOT", "STATE_VERSION", "ShardedTokens", "StreamLoader", "StreamSource", "TokenData",
     "bundled_documents", "cache_root", "documents_for_prepare", "encode_texts", "eval_batches", "gather_blocks",
-    "get_tokenizer", "load_documents", "make_train_loader", "num_blocks", "open_hub", "prepare_data",
+    "get_tokenizer", "load_data_tokenizer", "load_documents", "make_train_loader", "num_blocks", "open_hub", "prepare_data",
     "read_manifest", "split_by_document", "state_for_rank", "tokenize_documents", "train_bpe", "unigram_loss",
     "write_shards",
 ]

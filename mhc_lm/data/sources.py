@@ -133,6 +133,13 @@ def make_train_loader(data: TokenData, batch_size: int, seed: int, rank: int = 0
     return BlockLoader(data.train, cfg.seq_len, batch_size, seed, rank, world_size, shuffle=cfg.shuffle)
 
 
+def load_data_tokenizer(cfg: DataConfig):
+    """The tokenizer a run of `cfg` trains with (ours is read from its cache when it is there)."""
+    if cfg.source == "shards":
+        return _prepare_shards(cfg).tokenizer
+    return (_open_hub(cfg) if cfg.source == "hub" else _open_documents(cfg))[-1]
+
+
 def documents_for_prepare(cfg: DataConfig) -> tuple[object, dict[str, Iterable[str]]]:
     """(tokenizer, {"train": texts, "validation": texts}) of a source, in its natural order, for `prepare`."""
     if cfg.source == "hub":
