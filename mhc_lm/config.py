@@ -402,6 +402,9 @@ def validate_eval(cfg: EvalConfig) -> None:
     _check_choice("checkpoints", cfg.checkpoints, CHECKPOINT_CHOICES)
     _check_choice("split", cfg.split, EVAL_SPLITS)
     validate_data(cfg.data, ModelConfig(max_seq_len=cfg.data.seq_len))  # the models' contexts come later
+    if cfg.data.source == "hub" and cfg.split == "train":
+        _fail("split", cfg.split, "data=hub streams its training split, there is no fixed train set to "
+                                  "evaluate; allowed: validation")
     _check_min("max_tokens", cfg.max_tokens, cfg.data.seq_len)
     _check_min("batch_size", cfg.batch_size, 1)
     _check_choice("precision", cfg.precision, PRECISIONS)

@@ -157,6 +157,12 @@ def test_prepare_then_shards_gives_the_tokens_of_the_stream(root, tmp_path):
     in_order = BlockLoader(shards.train, 16, 1, 7, shuffle=False)
     from_shards = [tuple(in_order.next_batch()[0].tolist()) for _ in range(in_order.blocks)]
     assert from_shards == blocks_of_epoch(stream)  # the same blocks, in the same order
+    shards.tokenizer.save_pretrained(tmp_path / "same")  # eval.py names the model's tokenizer: the same one is fine
+    assert np.array_equal(prepare_data(data_config("shards", root, dir=str(out), tokenizer=str(tmp_path / "same")))
+                          .validation, shards.validation)
+    prepare_data(data_config("bundled", root)).tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(ConfigError, match="data.tokenizer=.*other.*was tokenized with another tokenizer"):
+        prepare_data(data_config("shards", root, dir=str(out), tokenizer=str(tmp_path / "other")))
     shuffled = make_train_loader(prepare_data(data_config("shards", root, dir=str(out))), 4, 7)
     epoch = [tuple(row.tolist()) for _ in range(shuffled.steps_per_epoch) for row in shuffled.next_batch()]
     assert len(set(epoch)) == len(epoch) and set(epoch) <= set(from_shards)

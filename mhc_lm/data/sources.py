@@ -96,8 +96,13 @@ def _prepare_documents(cfg: DataConfig) -> TokenData:
 
 
 def _prepare_shards(cfg: DataConfig) -> TokenData:
+    """The shards' own tokenizer; a data.tokenizer other than the default must be that same tokenizer
+    (eval.py names the model's), since the tokens are already written."""
     manifest = read_manifest(cfg.dir)
     tokenizer = load_tokenizer(os.path.join(os.path.expanduser(cfg.dir), manifest["tokenizer"]), "data.dir")
+    if cfg.tokenizer != "bpe" and load_tokenizer(cfg.tokenizer).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"data.tokenizer={cfg.tokenizer!r}: data.dir={cfg.dir!r} was tokenized with another "
+                          "tokenizer; allowed: bpe (the shards' own) or that same tokenizer, or prepare the data again")
     train = open_split(cfg.dir, manifest, "train")
     validation = open_split(cfg.dir, manifest, "validation")[:]
     return TokenData(cfg, tokenizer, train, validation, len(tokenizer))
