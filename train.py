@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from tqdm.auto import tqdm
 
     from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
-    from mhc_lm.data import BlockLoader, eval_batches, prepare_data, unigram_loss
+    from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
     from mhc_lm.distributed import Preemption, check_rendezvous_env, engine_name, parameter_count
     from mhc_lm.export import check_bundle, export_model
     from mhc_lm.hub import check_push_access, push
@@ -141,15 +141,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     is_main = accelerator.is_main_process
     preemption = Preemption()
 
-    # 2. Data: documents -> tokenizer -> packed token streams (rank 0 first, the others read its cache).
+    # 2. Data: tokenizer, validation tokens and this rank's training loader, whatever the source
+    #    (rank 0 first, the others read its cache).
     with accelerator.main_process_first():
         data = prepare_data(cfg.data)
     vocab_size = cfg.model.vocab_size or cfg.model.vocab_multiple * math.ceil(data.vocab_size / cfg.model.vocab_multiple)
     if vocab_size < data.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's {data.vocab_size} tokens; "
                           f"allowed: >= {data.vocab_size}, or null")
-    loader = BlockLoader(data.train, cfg.data.seq_len, tcfg.batch_size, tcfg.seed,
-                         accelerator.process_index, accelerator.num_processes)
+    loader = make_train_loader(data, tcfg.batch_size, tcfg.seed, accelerator.process_index, accelerator.num_processes)
 
     # 3. Model and optimizer.
     model_config = build_config(cfg.model, cfg.residual, vocab_size, data.eot_id)
@@ -158,20 +158,21 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     model, optimizer = accelerator.prepare(model, optimizer)
     step, tokens_seen, train_time = 0, 0, 0.0
     if checkpoint is not None:
-        trainer_state, data_state = load_checkpoint(accelerator, checkpoint)
-        loader.load_state_dict(data_state)
+        trainer_state, data_states = load_checkpoint(accelerator, checkpoint)
+        loader.load_state_dict(state_for_rank(data_states, accelerator.process_index, accelerator.num_processes,
+                                              str(checkpoint)))
         step, tokens_seen, train_time = trainer_state["step"], trainer_state["tokens_seen"], trainer_state["train_time"]
         accelerator.print(f"Resumed from {checkpoint} at step {step}")
 
     n_params = parameter_count(model)
     tokens_per_step = tcfg.batch_size * grad_accum * accelerator.num_processes * cfg.data.seq_len
-    unigram = unigram_loss(data.train, data.validation, data.vocab_size)
+    unigram = unigram_loss(data.unigram_sample, data.validation, data.vocab_size)
     peak = peak_flops(accelerator.device)
     step_flops = flops_per_token(model_config, cfg.data.seq_len) * tokens_per_step
     tracker = Tracker(cfg.logger, run_dir, {**dataclasses.asdict(cfg), "n_params": n_params}, enabled=is_main)
     accelerator.print(f"{n_params / 1e6:.2f}M parameters | residual={cfg.residual['name']} n={model_config.num_streams}"
                       f" | {engine_name(accelerator)} x {accelerator.num_processes} | {precision} | "
-                      f"{tokens_per_step} tokens/step | train {len(data.train):,} tokens | "
+                      f"{tokens_per_step} tokens/step | {data.describe()} | "
                       f"unigram val loss {unigram:.3f} | run dir {run_dir}")
 
     def validation_loss() -> float:

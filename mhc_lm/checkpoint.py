@@ -3,7 +3,7 @@
 A checkpoint is a directory `RUN/checkpoints/step_000123/` holding:
   - what `accelerator.save_state` writes: model weights, optimizer state, every process's RNG state;
   - `trainer_state.json`: step, tokens seen, elapsed training time;
-  - `data_state_rank{r}.json`: each rank's data position;
+  - `data_state_rank{r}.json`: each rank's data position (format: `mhc_lm/data/state.py`);
   - `run_config.json`: the model and residual configuration, to refuse an incompatible resume;
   - `config.json` and the tokenizer files: enough, with the weights, to load the model on its own
     (`load_model_from_checkpoint`, used by eval.py and the Hub upload).
@@ -110,16 +110,21 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     return final
 
 
-def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, dict]:
-    """Restore model, optimizer and RNG in place; return (trainer_state, this rank's data state)."""
-    data_file = checkpoint / f"data_state_rank{accelerator.process_index}.json"
-    if not data_file.exists():
-        saved_ranks = len(list(checkpoint.glob("data_state_rank*.json")))
-        raise ConfigError(f"trainer.resume={str(checkpoint)!r}: saved by {saved_ranks} process(es), this run has "
-                          f"{accelerator.num_processes}; allowed: resume with the same number of processes")
+def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, list[dict]]:
+    """Restore model, optimizer and RNG in place; return (trainer_state, the data state of every saved rank).
+
+    The data states are indexed by the rank that saved them; `mhc_lm.data.state_for_rank` picks the one
+    this rank resumes from (or refuses a world size the data source cannot be resumed with).
+    """
+    saved_ranks = len(list(checkpoint.glob("data_state_rank*.json")))
+    if (checkpoint / DEEPSPEED_TAG).is_dir() and saved_ranks != accelerator.num_processes:
+        raise ConfigError(f"trainer.resume={str(checkpoint)!r}: a DeepSpeed ZeRO checkpoint partitions the optimizer "
+                          f"over the {saved_ranks} process(es) that saved it, this run has {accelerator.num_processes}; "
+                          f"allowed: resume with {saved_ranks} process(es)")
+    data_states = [json.loads((checkpoint / f"data_state_rank{r}.json").read_text()) for r in range(saved_ranks)]
     accelerator.load_state(str(checkpoint))
     trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return trainer_state, json.loads(data_file.read_text())
+    return trainer_state, data_states
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict:
@@ -202,8 +207,7 @@ def checkpoint_tokenizer(checkpoint: Path):
     from omegaconf import OmegaConf
 
     from .config import DataConfig
-    from .data import get_tokenizer, load_documents
+    from .data import load_data_tokenizer
 
     data_cfg = DataConfig(**OmegaConf.to_container(OmegaConf.load(hydra_config).data, resolve=True))
-    docs, split_key = load_documents(data_cfg)
-    return get_tokenizer(data_cfg, docs["train"], split_key)
+    return load_data_tokenizer(data_cfg)

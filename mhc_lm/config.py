@@ -43,15 +43,26 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "bundled"
-    source: str = "bundled"  # bundled | local
+    source: str = "bundled"  # bundled | local | hub | shards
     corpus: str = "shakespeare"  # bundled corpus
     files: list[str] = field(default_factory=list)  # local: files, directories or glob patterns
     val_files: list[str] = field(default_factory=list)  # local: explicit validation files
     format: Optional[str] = None  # txt | jsonl | parquet; None: from the file extension
-    text_field: str = "text"
-    val_fraction: float = 0.05  # held-out documents when there are no val_files
+    text_field: str = "text"  # local (jsonl/parquet), hub: the column holding the text
+    val_fraction: float = 0.05  # bundled, local: held-out documents when there are no val_files
     split_seed: int = 0
+    path: Optional[str] = None  # hub: a dataset on the Hub, a local directory, or a loader (json, parquet, text)
+    name: Optional[str] = None  # hub: the dataset's configuration (e.g. sample-10BT)
+    split: str = "train"  # hub: the training split
+    val_split: Optional[str] = None  # hub: None: `validation` if the dataset has it, else reserve val_docs
+    val_docs: int = 256  # hub: validation documents (the first of val_split, or reserved from the stream)
+    data_files: list[str] = field(default_factory=list)  # hub: passed to load_dataset (e.g. with path=json)
+    revision: Optional[str] = None  # hub: a branch, tag or commit of the dataset
+    sample_docs: int = 10000  # hub: first training documents, to train the BPE and fit the unigram reference
+    dir: Optional[str] = None  # shards: a directory written by python -m mhc_lm.data prepare
+    shuffle: bool = True  # shuffle blocks each epoch (hub: shard order and a block buffer)
+    shuffle_buffer: int = 256  # hub: blocks in the shuffle buffer (saved with every checkpoint)
+    prefetch: int = 4  # hub: batches prepared ahead by a background thread (0: in the training loop)
     tokenizer: str = "bpe"  # "bpe": train a byte-level BPE on the train split; else a HF name or path
     vocab_size: int = 4096  # for tokenizer=bpe
     seq_len: int = 256
@@ -237,9 +248,10 @@ def expand_files(patterns: list[str]) -> list[str]:
     return sorted(set(found))
 
 
-DATA_SOURCES = ("bundled", "local")
+DATA_SOURCES = ("bundled", "local", "hub", "shards")
 FILE_FORMATS = ("txt", "jsonl", "parquet")
 BUNDLED_CORPORA = ("shakespeare",)
+LOADERS_NEEDING_FILES = ("json", "parquet", "text", "csv", "arrow")  # datasets' packaged loaders
 
 
 def validate_data(data: DataConfig, model: ModelConfig) -> None:
@@ -255,7 +267,15 @@ def validate_data(data: DataConfig, model: ModelConfig) -> None:
     _check_min("data.num_proc", data.num_proc, 1)
     if data.source == "bundled":
         _check_choice("data.corpus", data.corpus, BUNDLED_CORPORA)
-        return
+    elif data.source == "local":
+        _validate_local(data)
+    elif data.source == "hub":
+        _validate_hub(data)
+    else:
+        _validate_shards(data)
+
+
+def _validate_local(data: DataConfig) -> None:
     if data.format is not None:
         _check_choice("data.format", data.format, FILE_FORMATS)
     for option in ("files", "val_files"):
@@ -270,6 +290,34 @@ def validate_data(data: DataConfig, model: ModelConfig) -> None:
             if fmt not in FILE_FORMATS:
                 _fail(f"data.{option}", path, f"unknown file type; allowed: .txt, .jsonl, .json, .parquet "
                                               f"(or set data.format to one of {', '.join(FILE_FORMATS)})")
+
+
+def _validate_hub(data: DataConfig) -> None:
+    if not data.path:
+        _fail("data.path", data.path, "data=hub needs a dataset; allowed: a Hub name (HuggingFaceFW/fineweb-edu), "
+                                      "a local directory, or a loader (json, parquet, text) with data.data_files")
+    if data.path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(data.path)):
+        _fail("data.path", data.path, "no such directory; allowed: a Hub dataset name, an existing local directory, "
+                                      f"or a loader ({', '.join(LOADERS_NEEDING_FILES)}) with data.data_files")
+    if data.path in LOADERS_NEEDING_FILES and not data.data_files:
+        _fail("data.data_files", list(data.data_files), f"data.path={data.path} reads the files named here; "
+                                                        "allowed: files or glob patterns")
+    for pattern in data.data_files:
+        if "://" not in pattern and not expand_files([pattern]):
+            _fail("data.data_files", pattern, "no such file: allowed: existing files or glob patterns, or URLs")
+    for key in ("val_docs", "sample_docs"):
+        _check_min(f"data.{key}", getattr(data, key), 1)
+    _check_min("data.shuffle_buffer", data.shuffle_buffer, 0)
+    _check_min("data.prefetch", data.prefetch, 0)
+
+
+def _validate_shards(data: DataConfig) -> None:
+    from .data.shards import read_manifest
+
+    if not data.dir:
+        _fail("data.dir", data.dir, "data=shards needs the directory written by "
+                                    "python -m mhc_lm.data prepare DATA_CONFIG --out DIR; allowed: that DIR")
+    read_manifest(data.dir)
 
 
 def file_format(path: str) -> Optional[str]:
@@ -361,6 +409,9 @@ def validate_eval(cfg: EvalConfig) -> None:
     _check_choice("checkpoints", cfg.checkpoints, CHECKPOINT_CHOICES)
     _check_choice("split", cfg.split, EVAL_SPLITS)
     validate_data(cfg.data, ModelConfig(max_seq_len=cfg.data.seq_len))  # the models' contexts come later
+    if cfg.data.source == "hub" and cfg.split == "train":
+        _fail("split", cfg.split, "data=hub streams its training split, there is no fixed train set to "
+                                  "evaluate; allowed: validation")
     _check_min("max_tokens", cfg.max_tokens, cfg.data.seq_len)
     _check_min("batch_size", cfg.batch_size, 1)
     _check_choice("precision", cfg.precision, PRECISIONS)

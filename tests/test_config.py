@@ -35,10 +35,24 @@ def group_options():
 def test_every_yaml_composes_and_validates(group, option, tmp_path):
     text_file = tmp_path / "a.txt"
     text_file.write_text("hello")
-    extra = [f"data.files=[{text_file}]"] if (group, option) == ("data", "local") else []
+    extra = {("data", "local"): [f"data.files=[{text_file}]"], ("data", "hub"): [f"data.path={tmp_path}"],
+             ("data", "shards"): [f"data.dir={minimal_shard_dir(tmp_path / 'shards')}"]}.get((group, option), [])
     cfg = composed(f"{group}={option}", *extra)
     assert isinstance(cfg, TrainConfig)
     validate(cfg)
+
+
+def minimal_shard_dir(root: Path) -> Path:
+    """The smallest directory `read_manifest` accepts: one train and one validation shard of uint16 tokens."""
+    (root / "tokenizer").mkdir(parents=True)
+    splits = {}
+    for split, count in (("train", 10), ("validation", 3)):
+        (root / f"{split}-00000.bin").write_bytes(bytes(2 * count))
+        splits[split] = {"shards": [{"file": f"{split}-00000.bin", "tokens": count}], "tokens": count, "documents": 1}
+    manifest = {"format": "mhc-lm-token-shards", "version": 1, "dtype": "uint16", "eot_id": 0, "vocab_size": 300,
+                "tokenizer": "tokenizer", "splits": splits, "source": {}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
 
 
 def test_default_run_is_small_mhc_with_four_streams_on_the_bundled_corpus():
@@ -70,6 +84,16 @@ def with_changes(cfg: TrainConfig, section: str, **changes) -> TrainConfig:
     ("data", {"seq_len": 4096}, "data.seq_len=4096: longer than the model's context model.max_seq_len=1024"),
     ("data", {"source": "local", "files": ["/nonexistent/*.txt"]}, "data.files='/nonexistent/*.txt': no such file"),
     ("data", {"source": "local", "files": []}, "data.files=[]: data=local needs at least one file"),
+    ("data", {"source": "stream"}, "data.source='stream': allowed: bundled, local, hub, shards"),
+    ("data", {"source": "hub"}, "data.path=None: data=hub needs a dataset"),
+    ("data", {"source": "hub", "path": "/nonexistent/dir"}, "data.path='/nonexistent/dir': no such directory"),
+    ("data", {"source": "hub", "path": "json"}, "data.data_files=[]: data.path=json reads the files named here"),
+    ("data", {"source": "hub", "path": "org/name", "data_files": ["/nonexistent/*.jsonl"]},
+     "data.data_files='/nonexistent/*.jsonl': no such file"),
+    ("data", {"source": "hub", "path": "org/name", "val_docs": 0}, "data.val_docs=0: allowed: a number >= 1"),
+    ("data", {"source": "hub", "path": "org/name", "shuffle_buffer": -1}, "data.shuffle_buffer=-1: allowed"),
+    ("data", {"source": "shards"}, "data.dir=None: data=shards needs the directory written by python -m mhc_lm.data"),
+    ("data", {"source": "shards", "dir": "/nonexistent"}, "data.dir='/nonexistent': no such directory"),
     ("optim", {"schedule": "linear"}, "optim.schedule='linear': allowed: cosine, wsd, constant"),
     ("optim", {"lr": 0.0}, "optim.lr=0.0: allowed: a number > 0"),
     ("trainer", {"grad_accum": 0}, "trainer.grad_accum=0: allowed: a number >= 1"),
@@ -95,3 +119,20 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
     other_residual = {**saved, "residual": {**saved["residual"], "n": 2}}
     with pytest.raises(ConfigError, match="residual.n=2"):
         check_compatible(tmp_path, other_residual)
+
+
+def test_a_shard_directory_must_hold_a_complete_manifest(tmp_path):
+    base = composed("data=shards", f"data.dir={minimal_shard_dir(tmp_path / 'ok')}")
+    validate(base)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no manifest.json; allowed: a directory written by python -m mhc_lm"):
+        validate(with_changes(base, "data", dir=str(tmp_path / "empty")))
+    broken = minimal_shard_dir(tmp_path / "broken")
+    (broken / "train-00000.bin").write_bytes(bytes(4))  # 2 tokens, the manifest says 10
+    with pytest.raises(ConfigError, match="shard train-00000.bin is missing or not 10 tokens long"):
+        validate(with_changes(base, "data", dir=str(broken)))
+    newer = minimal_shard_dir(tmp_path / "newer")
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ConfigError, match="version 99; allowed: mhc-lm-token-shards version <= 1"):
+        validate(with_changes(base, "data", dir=str(newer)))

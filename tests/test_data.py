@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from mhc_lm import data as data_mod
+from mhc_lm.data import sources as sources_mod
+from mhc_lm.data import tokenizer as tokenizer_mod
 from mhc_lm.config import ConfigError, DataConfig
-from mhc_lm.data import BlockLoader, eval_batches, gather_blocks, load_documents, prepare_data, unigram_loss
+from mhc_lm.data import (BlockLoader, eval_batches, gather_blocks, load_documents, prepare_data, state_for_rank,
+                         unigram_loss)
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards hum and boxing kings fight".split()
 
@@ -62,8 +64,8 @@ def test_tokenizer_and_tokens_are_cached(local_txt, monkeypatch):
     tmp_path, _ = local_txt
     cfg = local_cfg(tmp_path)
     first = prepare_data(cfg)
-    monkeypatch.setattr(data_mod, "train_bpe", lambda *a, **k: pytest.fail("the BPE was trained twice"))
-    monkeypatch.setattr(data_mod, "tokenize_documents", lambda *a, **k: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(tokenizer_mod, "train_bpe", lambda *a, **k: pytest.fail("the BPE was trained twice"))
+    monkeypatch.setattr(sources_mod, "tokenize_documents", lambda *a, **k: pytest.fail("tokenized twice"))
     second = prepare_data(cfg)
     assert np.array_equal(first.train, second.train)
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()
@@ -135,8 +137,23 @@ def test_loader_epochs_shards_and_exact_resume():
     restored = BlockLoader(tokens, 8, batch_size=2, seed=3, rank=0, world_size=2)
     restored.load_state_dict(state)
     assert all(torch.equal(a, restored.next_batch()) for a in expected)
-    with pytest.raises(ConfigError, match="world_size"):
-        BlockLoader(tokens, 8, batch_size=2, seed=3, rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ConfigError, match="seed=3"):
+        BlockLoader(tokens, 8, batch_size=2, seed=4, rank=0, world_size=2).load_state_dict(state)
+
+
+def test_loader_resumes_with_another_world_size_at_the_same_global_position():
+    """Two ranks of 2 blocks stop; one rank of 4 blocks continues with exactly the blocks they would take."""
+    tokens = np.arange(24 * 8 + 1, dtype=np.uint16)
+    ranks = [BlockLoader(tokens, 8, batch_size=2, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(3):
+        for r in ranks:
+            r.next_batch()
+    states = [r.state_dict() for r in ranks]
+    expected = [torch.cat([r.next_batch() for r in ranks]) for _ in range(8)]  # crosses into epoch 1
+    single = BlockLoader(tokens, 8, batch_size=4, seed=5, rank=0, world_size=1)
+    single.load_state_dict(state_for_rank(states, rank=0, world_size=1))
+    assert all(torch.equal(e, single.next_batch()) for e in expected)
+    assert single.epoch == 1
 
 
 def test_loader_refuses_a_batch_larger_than_the_data():
@@ -157,3 +174,15 @@ def test_unigram_loss_by_hand():
     counts = np.array([3.0, 2.0, 2.0, 1.0])  # add-one over a vocabulary of 4
     p = counts / counts.sum()
     assert unigram_loss(train, val, 4) == pytest.approx(-(np.log(p[0]) + np.log(p[1])) / 2)
+
+
+def test_a_state_saved_before_versioning_resumes_at_the_same_blocks():
+    tokens = np.arange(24 * 8 + 1, dtype=np.uint16)
+    loader = BlockLoader(tokens, 8, batch_size=2, seed=5, rank=1, world_size=2)
+    for _ in range(3):
+        loader.next_batch()
+    legacy = {"epoch": 0, "cursor": 3, "seed": 5, "blocks": 24, "batch_size": 2, "world_size": 2, "rank": 1}
+    restored = BlockLoader(tokens, 8, batch_size=2, seed=5, rank=1, world_size=2)
+    restored.load_state_dict(legacy)
+    assert all(torch.equal(loader.next_batch(), restored.next_batch()) for _ in range(10))
+

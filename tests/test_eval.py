@@ -215,6 +215,7 @@ def composed_eval(*overrides: str):
     (["generate.temperature=-1"], "generate.temperature=-1"),
     (["lm_eval.include_path=/nonexistent"], "lm_eval.include_path='/nonexistent': no such directory"),
     (["data.seq_len=512"], "data.seq_len=512: longer than the context of tiny/export (256)"),
+    (["data=hub", "data.path=org/name", "split=train"], "split='train': data=hub streams its training split"),
     pytest.param([f"lm_eval.include_path={TASKS}", "lm_eval.tasks=[no_such_task_anywhere]"],
                  "lm_eval.tasks=['no_such_task_anywhere']: unknown task(s) no_such_task_anywhere",
                  marks=pytest.mark.skipif(not HAS_LM_EVAL, reason="needs the eval extra (lm_eval)")),
