@@ -217,7 +217,9 @@ def test_a_missing_rendezvous_variable_is_named(train_cli):
 def test_deepspeed_launcher_local_rank_flag_is_accepted(monkeypatch):
     from mhc_lm.distributed import strip_local_rank_flag
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)  # the function sets it: keep it out of later tests
+    # The function sets LOCAL_RANK: setenv records it as absent so the undo removes it again.
+    monkeypatch.setenv("LOCAL_RANK", "")
+    monkeypatch.delenv("LOCAL_RANK")
     argv = ["train.py", "--local_rank=3", "model=tiny", "--local_rank", "5", "x=1"]
     assert strip_local_rank_flag(argv) == ["train.py", "model=tiny", "x=1"]
     assert os.environ["LOCAL_RANK"] == "3"
