@@ -160,7 +160,7 @@ def test_a_streamed_dataset_on_two_processes_resumes_with_the_uninterrupted_loss
     straight = torchrun("trainer.run_name=stream-straight")
     assert "train streamed from" in straight.stdout and "final val loss" in straight.stdout, straight.stderr[-3000:]
     stopped = torchrun("trainer.run_name=stream-resumed", "trainer.stop_at_step=4")
-    assert "stopped at step 4 of 8" in stopped.stdout, stopped.stderr[-3000:]
+    assert "stopped at trainer.stop_at_step at step 4 of 8" in stopped.stdout, stopped.stderr[-3000:]
     checkpoint = tmp_path / "runs" / "stream-resumed" / "checkpoints" / "step_000004"
     states = [json.loads((checkpoint / f"data_state_rank{r}.json").read_text()) for r in (0, 1)]
     assert [(s["version"], s["kind"], s["rank"], s["world_size"]) for s in states] == [(1, "stream", r, 2) for r in (0, 1)]
