@@ -2,6 +2,9 @@
 
 comb = Sinkhorn(res_logit) with res_logit (n, n) in the comb layout; H_res = comb^T. Rows of H_res are
 exact (to eps), columns approximate: the diagnostics report the column error rather than hide it.
+
+On the Triton path (`residual.kernel`, mhc_lm.kernels) the generator's epilogue (scales, biases, sigmoids
+and the Sinkhorn) is one fused kernel after the matmul; the PyTorch path computes the same function.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+from mhc_lm.kernels import use_triton
 
 from .base import GeneratedMixer, GeneratorOptions
 from .registry import register
@@ -43,4 +48,14 @@ class MhcMixer(GeneratedMixer):
 
     def project(self, res_logit):
         res_logit = res_logit.unflatten(-1, (self.n, self.n))  # (B, T, n, n), comb layout
-        return sinkhorn(res_logit, self.options.sinkhorn_iters, self.options.sinkhorn_eps)
+        return sinkhorn(res_logit, self.options.sinkhorn_iters, self.options.sinkhorn_eps, self.kernel)
+
+    def mixing(self, streams):
+        if not use_triton(self.kernel, streams, self.n):
+            return super().mixing(streams)
+        from mhc_lm.kernels.sinkhorn import mhc_coefficients
+
+        opt = self.options
+        mixes, r = self.raw_mixes(streams)
+        return mhc_coefficients(mixes, r, self.scale.float(), self.base.float(), self.n, opt.sinkhorn_iters,
+                                opt.sinkhorn_eps, opt.hc_eps)
