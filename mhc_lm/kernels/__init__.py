@@ -27,19 +27,18 @@ import torch
 KERNEL_CHOICES = ("auto", "triton", "torch")
 MAX_KERNEL_STREAMS = 8  # n x n matrices up to 8 x 8 fit a program's registers; `auto` keeps larger n on PyTorch
 
-_TRITON_AVAILABLE: bool | None = None
+# Looked up once, without importing triton (a constant for torch.compile to trace through).
+_TRITON_AVAILABLE: bool = importlib.util.find_spec("triton") is not None
 
 
 def triton_available() -> bool:
-    """Whether triton can be imported (looked up once per process, without importing it)."""
-    global _TRITON_AVAILABLE
-    if _TRITON_AVAILABLE is None:
-        _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+    """Whether triton is installed."""
     return _TRITON_AVAILABLE
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read when kernels are defined)."""
+    """Whether Triton runs kernels in its CPU interpreter. Triton reads TRITON_INTERPRET=1 when a kernel is
+    defined, so it must be set before `mhc_lm.kernels.sinkhorn` or `.glue` is imported (tests/conftest.py)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

@@ -4,11 +4,13 @@ Both work on tiles of BT tokens x (NP x NP) matrices, NP = n rounded up to a pow
 entries are held at exactly zero), in fp32 registers whatever the input dtype.
 
 The Sinkhorn backward is the exact gradient of the unrolled, truncated iteration, recomputed on chip
-from the saved logits, as `mhc_lm.residual.sinkhorn` does it in PyTorch: every iterate is the softmax
-scaled on both sides, so the backward replays the forward keeping only the 2 * iters - 1 divisors
-(vectors of n, held in registers: the loop is unrolled at compile time, iters is a constexpr), then
-walks back through the steps, rebuilding each iterate from the next by multiplying its divisor back.
-Nothing per iteration touches global memory: the logits come in, the gradient goes out.
+from the saved logits, with the idea of `mhc_lm.residual.sinkhorn`'s PyTorch backward: replay the
+forward keeping the divisors, then walk back through the steps, rebuilding each iterate from the next
+by multiplying its divisor back. Here everything stays in registers (the loop is unrolled at compile
+time, iters is a constexpr), so the 2 * iters - 1 steps are cut into about sqrt(2 * iters) segments:
+the replay keeps the iterate at the start of each segment, and each segment is replayed once more to
+keep its own divisors while walking back through it (`_sinkhorn_vjp`). Nothing per iteration touches
+global memory: the logits come in, the gradient goes out.
 
 The kernels are exposed as `torch.library` custom ops with their autograd registered, so they run
 eagerly and inside `torch.compile` graphs (as opaque calls) alike.
@@ -176,7 +178,7 @@ def _sinkhorn_bwd_kernel(logits_ptr, grad_comb_ptr, grad_logits_ptr, N, eps,
 
 @triton.jit
 def _load_epilogue(mixes_ptr, r_ptr, base_ptr, tok, N, n: tl.constexpr, NP: tl.constexpr):
-    """Per-token raw mixes times r (u = mixes * r, SPEC 2.2) for pre, post and res, and the biases."""
+    """This program's raw mixes (pre (BT, NP), post (BT, NP), res (BT, NP, NP)), r (BT,) and the biases."""
     W: tl.constexpr = 2 * n + n * n
     streams = tl.arange(0, NP)
     smask = streams < n
