@@ -6,7 +6,8 @@
 
 Reads top to bottom: validate the config, prepare data, build the model, resume if a checkpoint
 exists, then the loop (lr from the step, gradient accumulation with the loss normalized per token,
-clipping, logging, periodic validation and checkpoints), and a final Hugging Face export.
+clipping, logging, periodic validation and checkpoints), a final Hugging Face export that carries its
+modeling code, and with hub.push=true its upload to the Hugging Face Hub.
 """
 
 from __future__ import annotations
@@ -25,27 +26,48 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import ConfigError, TrainConfig, register_configs, validate
+from mhc_lm.distributed import strip_local_rank_flag
 
 register_configs()
 
 
-def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+def make_accelerator(cfg: TrainConfig):
+    """The Accelerator for this launch (single process, DDP, FSDP or DeepSpeed, from the environment),
+    configured by our rules; returns (accelerator, grad_accum, precision)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    from mhc_lm.distributed import check_engine, configure_deepspeed, configure_fsdp, resolve_grad_accum
+
+    precision = resolve_precision(cfg.trainer.precision)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    grad_accum = resolve_grad_accum(cfg, world_size)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # Several CPU processes (torchrun / accelerate launch without GPUs) talk over gloo. Naming a
-    # backend in a single process would make accelerate expect a process group, so only then.
-    distributed_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # backend in a single process would make accelerate expect a process group, so only then; and
+    # DDP on CPU needs cpu=True (else accelerate leaves the model unwrapped), DeepSpeed must not get it.
+    distributed_cpu = not torch.cuda.is_available() and world_size > 1
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
-    return Accelerator(
-        mixed_precision="no" if precision == "fp32" else precision,
-        gradient_accumulation_steps=cfg.trainer.grad_accum,
+    accelerator = Accelerator(
+        # DeepSpeed's own bf16 would cast the connection parameters; it gets torch_autocast instead.
+        mixed_precision="no" if precision == "fp32" or deepspeed else precision,
+        gradient_accumulation_steps=grad_accum,
         dynamo_backend="inductor" if cfg.trainer.compile else None,
         kwargs_handlers=handlers,
+        cpu=distributed_cpu and not deepspeed,
     )
+    check_engine(accelerator, world_size)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg, grad_accum, precision)
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        configure_fsdp(accelerator)
+    return accelerator, grad_accum, precision
 
 
 def quiet_library_logs() -> None:
@@ -88,8 +110,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from mhc_lm.checkpoint import check_compatible, export_model, load_checkpoint, resolve_resume, save_checkpoint
+    from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
     from mhc_lm.data import BlockLoader, eval_batches, prepare_data, unigram_loss
+    from mhc_lm.distributed import Preemption, check_rendezvous_env, engine_name, parameter_count
+    from mhc_lm.export import check_bundle, export_model
+    from mhc_lm.hub import check_push_access, push
     from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer, lr_at, set_lr
@@ -103,11 +128,18 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     checkpoint = resolve_resume(tcfg.resume, run_dir)
     if checkpoint is not None:
         check_compatible(checkpoint, run_config)
+    hub = cfg.hub
+    if tcfg.export or hub.push:
+        check_bundle()  # the export's modeling code: a bundling problem shows now, not after training
+    if (hub.push or hub.push_checkpoints) and int(os.environ.get("RANK", "0")) == 0:
+        check_push_access(hub.repo, option="hub.repo")  # a token that can write, before hours of training
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    accelerator = make_accelerator(cfg)
+    check_rendezvous_env()
+    accelerator, grad_accum, precision = make_accelerator(cfg)
     set_seed(tcfg.seed)
     is_main = accelerator.is_main_process
+    preemption = Preemption()
 
     # 2. Data: documents -> tokenizer -> packed token streams (rank 0 first, the others read its cache).
     with accelerator.main_process_first():
@@ -131,14 +163,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         step, tokens_seen, train_time = trainer_state["step"], trainer_state["tokens_seen"], trainer_state["train_time"]
         accelerator.print(f"Resumed from {checkpoint} at step {step}")
 
-    n_params = sum(p.numel() for p in model.parameters())
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes * cfg.data.seq_len
+    n_params = parameter_count(model)
+    tokens_per_step = tcfg.batch_size * grad_accum * accelerator.num_processes * cfg.data.seq_len
     unigram = unigram_loss(data.train, data.validation, data.vocab_size)
     peak = peak_flops(accelerator.device)
     step_flops = flops_per_token(model_config, cfg.data.seq_len) * tokens_per_step
     tracker = Tracker(cfg.logger, run_dir, {**dataclasses.asdict(cfg), "n_params": n_params}, enabled=is_main)
     accelerator.print(f"{n_params / 1e6:.2f}M parameters | residual={cfg.residual['name']} n={model_config.num_streams}"
-                      f" | {tokens_per_step} tokens/step | train {len(data.train):,} tokens | "
+                      f" | {engine_name(accelerator)} x {accelerator.num_processes} | {precision} | "
+                      f"{tokens_per_step} tokens/step | train {len(data.train):,} tokens | "
                       f"unigram val loss {unigram:.3f} | run dir {run_dir}")
 
     def validation_loss() -> float:
@@ -146,9 +179,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
                                accelerator.process_index, accelerator.num_processes)
         return evaluate_loss(model, batches, accelerator)
 
+    def trainer_state() -> dict:
+        return {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
+
     def checkpoint_now() -> None:
-        trainer_state = {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
-        save_checkpoint(accelerator, run_dir, step, trainer_state, loader.state_dict(), run_config, tcfg.keep_last)
+        saved = save_checkpoint(accelerator, run_dir, step, trainer_state(), loader.state_dict(), run_config,
+                                tcfg.keep_last, model_config=model_config, tokenizer=data.tokenizer)
+        if hub.push_checkpoints and is_main:
+            url = push(str(saved), hub.repo, private=hub.private, revision=f"step-{step}", option="hub.repo")
+            progress.write(f"step {step}: pushed to {url}")
 
     # 4. The loop. One iteration = one optimizer step = grad_accum micro-batches per process.
     model.train()
@@ -158,7 +197,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         started = time.perf_counter()
         lr = lr_at(step, cfg.optim, tcfg.max_steps)
         set_lr(optimizer, lr)
-        batches = [loader.next_batch().to(accelerator.device) for _ in range(tcfg.grad_accum)]
+        batches = [loader.next_batch().to(accelerator.device) for _ in range(grad_accum)]
         loss, grad_norm, step_tokens = train_step(model, optimizer, batches, accelerator, cfg.optim.grad_clip)
         step += 1
         tokens_seen += step_tokens
@@ -177,8 +216,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
             val_loss = validation_loss()
             tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, step)
-            progress.write(f"step {step}: val loss {val_loss:.4f} (unigram {unigram:.3f})")
-        stop_now = tcfg.stop_at_step is not None and step >= tcfg.stop_at_step
+            if is_main:
+                progress.write(f"step {step}: val loss {val_loss:.4f} (unigram {unigram:.3f})")
+        stop_now = (tcfg.stop_at_step is not None and step >= tcfg.stop_at_step) or preemption.requested(accelerator)
         if (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.max_steps or stop_now:
             checkpoint_now()
         if stop_now:
@@ -187,17 +227,22 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     if step < tcfg.max_steps:
         tracker.finish()
         accelerator.end_training()
-        accelerator.print(f"run dir: {run_dir} | stopped at step {step} of {tcfg.max_steps}; "
+        why = f"on {preemption.received}" if preemption.received else "at trainer.stop_at_step"
+        accelerator.print(f"run dir: {run_dir} | stopped {why} at step {step} of {tcfg.max_steps}, checkpoint saved; "
                           f"continue with: python train.py hydra.run.dir={run_dir} trainer.resume=auto")
         return val_loss
 
-    # 5. The final model as a Hugging Face export, with its tokenizer.
+    # 5. The final model as a Hugging Face export (tokenizer and modeling code included), and its upload.
     if math.isnan(val_loss):  # resumed at max_steps: nothing ran, still report the model's loss
         val_loss = validation_loss()
-    if tcfg.export:
-        export_model(accelerator, model, data.tokenizer, run_dir / "export")
+    if tcfg.export or hub.push:
+        export_model(accelerator, model, data.tokenizer, run_dir / "export", trainer_state=trainer_state())
     tracker.log({"final/val_loss": val_loss, "final/unigram_loss": unigram}, step)
     tracker.finish()
+    if hub.push and is_main:  # after the final metrics are written: the model card reads them
+        url = push(str(run_dir), hub.repo, private=hub.private, revision=hub.revision, option="hub.repo",
+                   revision_option="hub.revision")
+        accelerator.print(f"pushed the final model to {url}")
     tokens_per_s = tokens_seen / train_time if train_time else float("nan")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -219,4 +264,5 @@ def main(dict_cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.argv = strip_local_rank_flag(sys.argv)  # the `deepspeed` launcher appends it; Hydra rejects it
     main()

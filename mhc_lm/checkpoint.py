@@ -4,7 +4,9 @@ A checkpoint is a directory `RUN/checkpoints/step_000123/` holding:
   - what `accelerator.save_state` writes: model weights, optimizer state, every process's RNG state;
   - `trainer_state.json`: step, tokens seen, elapsed training time;
   - `data_state_rank{r}.json`: each rank's data position;
-  - `run_config.json`: the model and residual configuration, to refuse an incompatible resume.
+  - `run_config.json`: the model and residual configuration, to refuse an incompatible resume;
+  - `config.json` and the tokenizer files: enough, with the weights, to load the model on its own
+    (`load_model_from_checkpoint`, used by eval.py and the Hub upload).
 
 Every rank writes into `checkpoints/.tmp-step_000123/`; once all are done, rank 0 renames it. A
 crash mid-save leaves only a `.tmp-` directory, which resume ignores: the last complete checkpoint
@@ -76,8 +78,11 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, data_state: dict,
-                    run_config: dict, keep_last: int) -> Path:
-    """Write a checkpoint for `step` atomically, on every rank; prune to the newest `keep_last`."""
+                    run_config: dict, keep_last: int, model_config=None, tokenizer=None) -> Path:
+    """Write a checkpoint for `step` atomically, on every rank; prune to the newest `keep_last`.
+
+    `model_config` (a PretrainedConfig) and `tokenizer`, when given, are saved alongside so the
+    checkpoint loads as a model without the training config."""
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
@@ -90,6 +95,10 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     if accelerator.is_main_process:
         _write_json(tmp / "trainer_state.json", trainer_state)
         _write_json(tmp / "run_config.json", run_config)
+        if model_config is not None:
+            model_config.to_json_file(tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():  # the same step saved again (e.g. the final step after a resume)
@@ -113,13 +122,88 @@ def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, dict]:
     return trainer_state, json.loads(data_file.read_text())
 
 
-def export_model(accelerator, model, tokenizer, export_dir: str | Path) -> Path:
-    """Write the trained model as a Hugging Face model (safetensors + config) with its tokenizer."""
-    export_dir = Path(export_dir)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(export_dir, state_dict=accelerator.get_state_dict(model),
-                              is_main_process=accelerator.is_main_process, safe_serialization=True)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(export_dir)
-    accelerator.wait_for_everyone()
-    return export_dir
+def read_trainer_state(checkpoint: str | Path) -> dict:
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+
+
+def load_model_from_checkpoint(checkpoint: str | Path):
+    """(model in eval mode, tokenizer) from a training checkpoint's weights, on the CPU in fp32.
+
+    The architecture comes from the checkpoint's `config.json`; checkpoints written before it was saved
+    fall back on `run_config.json` plus the embedding's shape. The tokenizer comes from the checkpoint,
+    else from the run's export, else from the run's Hydra config (the cached BPE).
+    """
+    from .model import MhcConfig, MhcForCausalLM
+
+    checkpoint = Path(checkpoint)
+    state = {strip_wrapper_prefix(k): v for k, v in checkpoint_weights(checkpoint).items()}
+    tokenizer = checkpoint_tokenizer(checkpoint)
+    if (checkpoint / "config.json").exists():
+        config = MhcConfig.from_pretrained(checkpoint)
+    else:
+        config = config_from_run_config(checkpoint, state["model.embed_tokens.weight"].shape[0], tokenizer.eos_token_id)
+    model = MhcForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{checkpoint}: weights do not match the model: missing {sorted(set(missing) - tied)}, "
+                         f"unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+DEEPSPEED_TAG = "pytorch_model"  # the folder accelerate's save_state gives DeepSpeed's engine.save_checkpoint
+
+
+def has_weights(checkpoint: Path) -> bool:
+    """Weights as accelerate writes them: model.safetensors, or DeepSpeed's (ZeRO-sharded) folder."""
+    return (checkpoint / "model.safetensors").exists() or (checkpoint / DEEPSPEED_TAG).is_dir()
+
+
+def checkpoint_weights(checkpoint: Path) -> dict:
+    """The full fp32 state dict of a checkpoint, consolidated from ZeRO shards when DeepSpeed wrote it."""
+    if (checkpoint / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        return load_file(checkpoint / "model.safetensors")
+    if (checkpoint / DEEPSPEED_TAG).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
+    raise ValueError(f"{checkpoint}: no model.safetensors and no DeepSpeed {DEEPSPEED_TAG}/ folder")
+
+
+def strip_wrapper_prefix(key: str) -> str:
+    """State-dict keys as the bare model names them (DDP's `module.`, torch.compile's `_orig_mod.`)."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def config_from_run_config(checkpoint: Path, vocab_size: int, eos_token_id: int | None):
+    from .config import ModelConfig
+    from .model import build_config
+
+    saved = json.loads((checkpoint / "run_config.json").read_text())
+    return build_config(ModelConfig(**saved["model"]), saved["residual"], vocab_size, eos_token_id)
+
+
+def checkpoint_tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    run_dir = checkpoint.parent.parent
+    for folder in (checkpoint, run_dir / "export"):
+        if (folder / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(str(folder))
+    hydra_config = run_dir / ".hydra" / "config.yaml"
+    if not hydra_config.exists():
+        raise ValueError(f"{checkpoint}: no tokenizer in the checkpoint, the run's export or its .hydra/config.yaml")
+    from omegaconf import OmegaConf
+
+    from .config import DataConfig
+    from .data import get_tokenizer, load_documents
+
+    data_cfg = DataConfig(**OmegaConf.to_container(OmegaConf.load(hydra_config).data, resolve=True))
+    docs, split_key = load_documents(data_cfg)
+    return get_tokenizer(data_cfg, docs["train"], split_key)

@@ -1,11 +1,11 @@
-"""Typed configuration of a training run, and its validation.
+"""Typed configuration of a training run and of an evaluation, and their validation.
 
-Each component owns a dataclass here; the YAML groups in `conf/` mirror them. The root schema is
-registered with Hydra's ConfigStore as `train_schema`, so a typo in an override or a YAML is an
-error at composition. The `residual` group is the exception: its keys depend on the variant, and
+Each component owns a dataclass here; the YAML groups in `conf/` mirror them. The root schemas are
+registered with Hydra's ConfigStore as `train_schema` (train.py) and `eval_schema` (eval.py), so a
+typo in an override or a YAML is an error at composition. The `residual` group is the exception: its keys depend on the variant, and
 `validate` checks them against that variant's options dataclass (`mhc_lm.residual`).
 
-`validate` runs before any work (no tokenizing, no model) and raises `ConfigError` whose message
+`validate` and `validate_eval` run before any work (no tokenizing, no model) and raise `ConfigError` whose message
 names the option, the value and what is allowed.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -77,6 +78,7 @@ class TrainerConfig:
     max_steps: int = 300
     batch_size: int = 16  # sequences per micro-batch per process
     grad_accum: int = 1
+    global_batch_size: Optional[int] = None  # sequences per optimizer step on all processes: derives grad_accum
     eval_every: int = 100
     eval_batches: int = 8
     ckpt_every: int = 100  # 0: only the final checkpoint
@@ -103,6 +105,15 @@ class LoggerConfig:
 
 
 @dataclass
+class HubConfig:
+    push: bool = False  # upload the final export (with a model card) to the Hub at the end of training
+    repo: Optional[str] = None  # USER/NAME or ORG/NAME
+    private: bool = False  # create the repository private (an existing one keeps its visibility)
+    revision: Optional[str] = None  # branch of the final model; None: main
+    push_checkpoints: bool = False  # also push every checkpoint to its own branch step-N
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     residual: dict[str, Any] = field(default_factory=dict)
@@ -110,12 +121,56 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+
+
+@dataclass
+class LmEvalConfig:
+    tasks: list[str] = field(default_factory=list)  # lm-evaluation-harness task names; empty: skip
+    include_path: Optional[str] = None  # a directory of extra task YAMLs (searched before the built-in tasks)
+    num_fewshot: Optional[int] = None  # None: each task's default
+    limit: Optional[float] = None  # documents per task (a fraction if < 1); None: all
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    prompts: list[str] = field(default_factory=lambda: ["ROMEO:", "The king"])  # empty: no samples
+    max_new_tokens: int = 64
+    temperature: float = 0.8  # 0: greedy
+    top_k: Optional[int] = 50  # None: sample from the whole distribution
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = MISSING  # checkpoints, run directories, exported folders or Hub ids
+    checkpoints: str = "last"  # for a run directory: last (its newest checkpoint) | all (every checkpoint)
+    data: DataConfig = field(default_factory=DataConfig)  # the documents and seq_len; the tokenizer is the model's
+    split: str = "validation"  # validation | train
+    max_tokens: int = 65536  # token budget of the loss, rounded down to whole blocks of data.seq_len
+    batch_size: int = 8
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | bf16 | fp16 | fp32
+    trust_remote_code: bool = False  # for Hub ids and folders whose code is not mhc-lm's
+    num_threads: Optional[int] = None  # torch CPU threads; None: torch's default
+    output_dir: str = "evals"
+    run_name: str = MISSING
 
 
 def register_configs() -> None:
+    """The root schema for Hydra, and the `rank_zero_or` resolver: `${rank_zero_or:a,b}` is `a` on
+    rank 0 and `b` elsewhere (only rank 0 writes .hydra/ and the log file)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+    if not OmegaConf.has_resolver("rank_zero_or"):
+        OmegaConf.register_new_resolver(
+            "rank_zero_or", lambda value, other: value if int(os.environ.get("RANK", "0")) == 0 else other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +308,7 @@ def validate_trainer(trainer: TrainerConfig) -> None:
         _check_min(f"trainer.{key}", getattr(trainer, key), 1)
     _check_min("trainer.ckpt_every", trainer.ckpt_every, 0)
     _check_choice("trainer.precision", trainer.precision, PRECISIONS)
-    for key in ("num_threads", "stop_at_step"):
+    for key in ("num_threads", "stop_at_step", "global_batch_size"):
         if getattr(trainer, key) is not None:
             _check_min(f"trainer.{key}", getattr(trainer, key), 1)
     resume = trainer.resume
@@ -266,6 +321,26 @@ def validate_logger(logger: LoggerConfig) -> None:
     _check_choice("logger.mode", logger.mode, WANDB_MODES)
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+BRANCH = re.compile(r"^(?!.*\.\.)(?!/)(?!.*/$)[\w./-]+$")
+
+
+def check_repo_id(option: str, repo: Optional[str]) -> None:
+    if repo is None or not REPO_ID.match(repo) or len(repo) > 96:
+        _fail(option, repo, "allowed: a Hub repository id USER/NAME or ORG/NAME (letters, digits, '-', '_', '.')")
+
+
+def check_revision(option: str, revision: Optional[str]) -> None:
+    if revision is not None and not BRANCH.match(revision):
+        _fail(option, revision, "allowed: a branch name such as step-1000 (letters, digits, '-', '_', '.', '/')")
+
+
+def validate_hub(hub: HubConfig) -> None:
+    if hub.push or hub.push_checkpoints:
+        check_repo_id("hub.repo", hub.repo)
+    check_revision("hub.revision", hub.revision)
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check every option of a run; raise ConfigError on the first bad one."""
     validate_model(cfg.model)
@@ -274,4 +349,36 @@ def validate(cfg: TrainConfig) -> None:
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer)
     validate_logger(cfg.logger)
+    validate_hub(cfg.hub)
+
+
+CHECKPOINT_CHOICES = ("last", "all")
+EVAL_SPLITS = ("validation", "train")
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """Check the options of eval.py that need no model (each model's context is checked when it loads)."""
+    if not cfg.models:
+        _fail("models", list(cfg.models), "allowed: one or more checkpoints, run directories, exports or Hub ids")
+    _check_choice("checkpoints", cfg.checkpoints, CHECKPOINT_CHOICES)
+    _check_choice("split", cfg.split, EVAL_SPLITS)
+    validate_data(cfg.data, ModelConfig(max_seq_len=cfg.data.seq_len))  # the models' contexts come later
+    _check_min("max_tokens", cfg.max_tokens, cfg.data.seq_len)
+    _check_min("batch_size", cfg.batch_size, 1)
+    _check_choice("precision", cfg.precision, PRECISIONS)
+    if cfg.num_threads is not None:
+        _check_min("num_threads", cfg.num_threads, 1)
+    lm = cfg.lm_eval
+    _check_min("lm_eval.batch_size", lm.batch_size, 1)
+    if lm.num_fewshot is not None:
+        _check_min("lm_eval.num_fewshot", lm.num_fewshot, 0)
+    if lm.limit is not None and not lm.limit > 0:
+        _fail("lm_eval.limit", lm.limit, "allowed: a number of documents >= 1, a fraction in (0, 1), or null")
+    if lm.include_path is not None and not os.path.isdir(lm.include_path):
+        _fail("lm_eval.include_path", lm.include_path, "no such directory; allowed: a directory of task YAMLs, or null")
+    gen = cfg.generate
+    _check_min("generate.max_new_tokens", gen.max_new_tokens, 1)
+    _check_min("generate.temperature", gen.temperature, 0)
+    if gen.top_k is not None:
+        _check_min("generate.top_k", gen.top_k, 1)
 

@@ -77,7 +77,21 @@ def train_cli(cache_dir, tmp_path):
     """Call train.py with the tiny settings, writing runs under tmp_path."""
 
     def run(*overrides: str, env: dict | None = None):
-        args = [*TINY_RUN, f"trainer.output_dir={tmp_path / 'runs'}", f"data.cache_dir={cache_dir}", *overrides]
+        given = {o.split("=", 1)[0] for o in overrides}
+        defaults = [o for o in TINY_RUN if o.split("=", 1)[0] not in given]  # a test's override wins
+        args = [*defaults, f"trainer.output_dir={tmp_path / 'runs'}", f"data.cache_dir={cache_dir}", *overrides]
         return run_cli("train.py", *args, env=env)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cache_dir, tmp_path_factory) -> Path:
+    """One finished tiny mHC run shared by the eval, export and Hub tests: checkpoints at steps 4 and 8
+    (both kept), validation every 4 steps, and RUN/export."""
+    root = tmp_path_factory.mktemp("shared_runs")
+    args = [*TINY_RUN, f"trainer.output_dir={root}", f"data.cache_dir={cache_dir}", "trainer.run_name=tiny",
+            "trainer.max_steps=8", "trainer.ckpt_every=4", "trainer.eval_every=4", "trainer.num_threads=1"]
+    result = run_cli("train.py", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "tiny"

@@ -54,7 +54,7 @@ def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
     stopped = train_cli(*common, "trainer.run_name=interrupted", "trainer.stop_at_step=8")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "stopped at step 8 of 16" in last_line(stopped)
+    assert "stopped at trainer.stop_at_step at step 8 of 16" in last_line(stopped)
     run_dir = tmp_path / "runs" / "interrupted"
     assert not (run_dir / "export").exists()
     # A crash in the middle of a later save leaves a partial directory: resume must skip it.

@@ -78,3 +78,17 @@ def use_triton(kernel: str, tensor: torch.Tensor, n: int) -> bool:
         return tensor.is_cuda and n <= MAX_KERNEL_STREAMS and triton_available()
     check_kernel_usable(kernel, n, cuda=tensor.is_cuda)
     return True
+
+
+def glue_ops():
+    """(collapse_streams, write_streams), the apply kernels; the first call imports triton and defines them."""
+    from .glue import collapse_streams, write_streams
+
+    return collapse_streams, write_streams
+
+
+def sinkhorn_ops():
+    """(sinkhorn, mhc_coefficients), the Sinkhorn and mHC epilogue kernels; the first call imports triton."""
+    from .sinkhorn import mhc_coefficients, sinkhorn
+
+    return sinkhorn, mhc_coefficients

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mhc_lm.kernels import use_triton
+from .dispatch import glue_ops, use_triton
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
@@ -37,19 +37,21 @@ def collapse_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor
     return (h_pre.unsqueeze(-1).to(streams.dtype) * streams).sum(dim=-2)
 
 
+def expand_output(h_post: torch.Tensor, out: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """H_post^T · out: the branch output (B, T, C) broadcast into n streams, weighted by h_post (B, T, n)."""
+    return h_post.unsqueeze(-1).to(streams.dtype) * out.unsqueeze(-2)  # (B, T, n, C)
+
+
 def write_streams(h_post: torch.Tensor, out: torch.Tensor, comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """H_res · x + H_post^T · out: broadcast the branch output into the streams, weighted by h_post."""
-    written = h_post.unsqueeze(-1).to(streams.dtype) * out.unsqueeze(-2)  # (B, T, n, C)
-    return written + apply_comb(comb, streams)
+    """H_res · x + H_post^T · out."""
+    return expand_output(h_post, out, streams) + apply_comb(comb, streams)
 
 
 def stream_ops(kernel: str, streams: torch.Tensor):
     """(collapse, write) for these streams: the fused Triton kernels (`mhc_lm.kernels.glue`) or the PyTorch
     functions above, by `residual.kernel` and the device. The one dispatch point of the apply step."""
     if use_triton(kernel, streams, streams.shape[-2]):
-        from mhc_lm.kernels import glue
-
-        return glue.collapse_streams, glue.write_streams
+        return glue_ops()
     return collapse_streams, write_streams
 
 
@@ -100,6 +102,19 @@ class GeneratorOptions:
 
 
 PRE_INITS = ("uniform", "onehot")
+RES_INITS = ("identity", "uniform")
+
+
+@dataclasses.dataclass
+class ResOptions(GeneratorOptions):
+    """A generator with a res block: how its bias starts (SPEC section 2, `base_res`).
+
+    identity: identity-leaning, H_res close to I at step 0 (how close: res_init_strength, whose
+    meaning each variant documents); uniform: the centre of the variant's constraint set.
+    """
+
+    res_init: str = "identity"
+    res_init_strength: float = 4.0
 
 
 class GeneratedMixer(Mixer):
@@ -112,17 +127,32 @@ class GeneratedMixer(Mixer):
     onto the constraint set, returning comb (B, T, n, n)). Computed in fp32 whatever the activation dtype.
     """
 
-    def __init__(self, dim: int, n: int, num_res_logits: int, layer_index: int, options: GeneratorOptions):
+    @staticmethod
+    def res_logits(n: int) -> int:
+        """Free res logits per token (k) for n streams."""
+        raise NotImplementedError
+
+    @staticmethod
+    def res_flops(n: int) -> int:
+        """Approximate FLOPs per token of the projection P (the res block to comb), for the README table."""
+        raise NotImplementedError
+
+    def __init__(self, dim: int, n: int, layer_index: int, options: GeneratorOptions):
         super().__init__()
         if options.pre_init not in PRE_INITS:
             raise ValueError(f"residual.pre_init={options.pre_init!r}: allowed: {', '.join(PRE_INITS)}")
-        self.n, self.num_res_logits, self.layer_index, self.options = n, num_res_logits, layer_index, options
+        res_init = getattr(options, "res_init", RES_INITS[0])
+        if res_init not in RES_INITS:
+            raise ValueError(f"residual.res_init={res_init!r}: allowed: {', '.join(RES_INITS)}")
+        self.n, self.layer_index, self.options = n, layer_index, options
+        self.num_res_logits = self.res_logits(n)
         width = 2 * n + self.num_res_logits
         self.fn = nn.Parameter(torch.empty(width, n * dim))
         self.base = nn.Parameter(torch.empty(width))
         self.scale = nn.Parameter(torch.empty(3))
 
     def res_base_init(self) -> torch.Tensor:
+        """The bias of the res block at step 0, shape (k,) or anything that flattens to it."""
         raise NotImplementedError
 
     def project(self, res_logit: torch.Tensor) -> torch.Tensor:

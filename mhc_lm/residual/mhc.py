@@ -13,31 +13,36 @@ import dataclasses
 
 import torch
 
-from mhc_lm.kernels import use_triton
-
-from .base import GeneratedMixer, GeneratorOptions
+from .base import GeneratedMixer, ResOptions
+from .dispatch import sinkhorn_ops, use_triton
 from .registry import register
 from .sinkhorn import sinkhorn
 
-RES_INITS = ("identity", "uniform")
-
 
 @dataclasses.dataclass
-class MhcOptions(GeneratorOptions):
-    res_init: str = "identity"  # "identity": base_res = d*I (exactly doubly stochastic at step 0); "uniform": 0
-    res_init_strength: float = 4.0  # d
+class MhcOptions(ResOptions):
+    """res_init identity: base_res = d*I (exactly doubly stochastic at step 0), d = res_init_strength;
+    uniform: base_res = 0 (H_res = J/n)."""
+
     sinkhorn_iters: int = 20
     sinkhorn_eps: float = 1e-6
 
 
 @register("mhc", MhcOptions)
 class MhcMixer(GeneratedMixer):
+    @staticmethod
+    def res_logits(n: int) -> int:
+        return n * n
+
+    @staticmethod
+    def res_flops(n: int, iters: int = 20) -> int:
+        # softmax (exp, sum, divide) + eps, then 2*iters - 1 normalizations of n^2 adds and n^2 divides.
+        return 4 * n * n + (2 * iters - 1) * 2 * n * n
+
     def __init__(self, dim: int, n: int, layer_index: int, options: MhcOptions):
         if options.sinkhorn_iters < 1:
             raise ValueError(f"residual.sinkhorn_iters={options.sinkhorn_iters}: allowed: an integer >= 1")
-        if options.res_init not in RES_INITS:
-            raise ValueError(f"residual.res_init={options.res_init!r}: allowed: {', '.join(RES_INITS)}")
-        super().__init__(dim, n, n * n, layer_index, options)
+        super().__init__(dim, n, layer_index, options)
         self.reset_parameters()
 
     def res_base_init(self) -> torch.Tensor:
@@ -53,8 +58,7 @@ class MhcMixer(GeneratedMixer):
     def mixing(self, streams):
         if not use_triton(self.kernel, streams, self.n):
             return super().mixing(streams)
-        from mhc_lm.kernels.sinkhorn import mhc_coefficients
-
+        _, mhc_coefficients = sinkhorn_ops()
         opt = self.options
         mixes, r = self.raw_mixes(streams)
         return mhc_coefficients(mixes, r, self.scale.float(), self.base.float(), self.n, opt.sinkhorn_iters,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mhc_lm.kernels import check_kernel_choice
+from .dispatch import check_kernel_choice
 
 MIXERS: dict[str, tuple[type, type]] = {}
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from mhc_lm.kernels import use_triton
+from .dispatch import sinkhorn_ops, use_triton
 
 __all__ = ["sinkhorn", "sinkhorn_reference"]
 
@@ -111,7 +111,6 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6, kernel: s
     if logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects square (..., n, n) logits, got shape {tuple(logits.shape)}")
     if (logits.dtype != torch.float64 or kernel == "triton") and use_triton(kernel, logits, logits.shape[-1]):
-        from mhc_lm.kernels.sinkhorn import sinkhorn as sinkhorn_kernel
-
+        sinkhorn_kernel, _ = sinkhorn_ops()
         return sinkhorn_kernel(logits, iters, eps)
     return _Sinkhorn.apply(logits, iters, eps)

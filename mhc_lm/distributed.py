@@ -1,0 +1,203 @@
+"""Engines (DDP, FSDP, DeepSpeed ZeRO), their checks against our config, and preemption.
+
+The engine comes from how the run was launched (`accelerate launch --config_file launch/accelerate/*.yaml`,
+`torchrun`, SLURM): Accelerate reads it from the environment. This module makes each engine follow
+our rules rather than its own defaults:
+
+* the learning rate is `lr_at(step)`, set on the optimizer every step: no engine scheduler;
+* the optimizer is ours (AdamW with our parameter groups): a DeepSpeed JSON with an `optimizer`
+  or `scheduler` key is refused;
+* the connection parameters (`fn`, `base`, `scale`, ...) stay fp32 under bf16: DeepSpeed runs
+  with `torch_autocast` (parameters and master weights fp32, matmuls in bf16) instead of its bf16
+  mode (which casts every parameter), and FSDP keeps fp32 parameters with autocast compute;
+* micro-batch, accumulation and clipping come from the Hydra config; a DeepSpeed JSON that sets
+  them to something else is refused with both values named.
+
+Preemption: SIGTERM or SIGUSR1 sets a flag; at the end of the step every rank learns whether any
+rank was signalled (one all-reduce), all save a checkpoint, and the run exits cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import torch
+
+from .config import ConfigError, TrainConfig
+
+RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def strip_local_rank_flag(argv: list[str]) -> list[str]:
+    """Remove the `--local_rank=N` (or `--local_rank N`) the `deepspeed` launcher appends, which
+    Hydra would reject, keeping it in LOCAL_RANK where torch and accelerate look for it."""
+    kept, skip_next = [], False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip_next = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def process_rank() -> int:
+    """The global rank from the launcher's environment (0 when not launched distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def check_rendezvous_env() -> None:
+    """A distributed launch (WORLD_SIZE > 1) must say where to meet; name what is missing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    missing = [v for v in RENDEZVOUS_VARS if not os.environ.get(v)]
+    if missing:
+        raise ConfigError(f"environment {missing[0]}=<unset>: WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a "
+                          f"distributed run, which also needs {', '.join(RENDEZVOUS_VARS)}; launch with "
+                          "torchrun, accelerate launch or launch/slurm/train.sbatch, which set them")
+
+
+def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-batches per optimizer step: trainer.grad_accum, or derived from trainer.global_batch_size."""
+    trainer = cfg.trainer
+    if trainer.global_batch_size is None:
+        return trainer.grad_accum
+    per_pass = trainer.batch_size * world_size
+    if trainer.global_batch_size % per_pass:
+        raise ConfigError(f"trainer.global_batch_size={trainer.global_batch_size}: not divisible by trainer.batch_size="
+                          f"{trainer.batch_size} x {world_size} process(es) = {per_pass}; allowed: a multiple of "
+                          f"{per_pass}")
+    derived = trainer.global_batch_size // per_pass
+    if trainer.grad_accum not in (1, derived):
+        raise ConfigError(f"trainer.grad_accum={trainer.grad_accum}: trainer.global_batch_size="
+                          f"{trainer.global_batch_size} with {per_pass} sequences per pass needs {derived}; "
+                          f"allowed: {derived}, or leave grad_accum at 1 to derive it")
+    return derived
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed
+
+DS_PRECISION = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _check_ds_value(ds_config: dict, key: str, ours: Any, option: str) -> None:
+    """A DeepSpeed key must be "auto", absent, or equal to our value."""
+    node, *rest = key.split(".")
+    value = ds_config.get(node, "auto")
+    for part in rest:
+        value = value.get(part, "auto") if isinstance(value, dict) else "auto"
+    if value != "auto" and value != ours:
+        raise ConfigError(f"{option}={ours!r}: the DeepSpeed config sets {key}={value!r}; allowed: make them agree "
+                          f"(or set {key} to \"auto\" in the JSON)")
+
+
+def configure_deepspeed(accelerator, cfg: TrainConfig, grad_accum: int, precision: str) -> dict:
+    """Check the DeepSpeed JSON against the Hydra config and fill in what the engine needs from it."""
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"deepspeed config key {key!r}={ds[key]!r}: mhc-lm builds its own {key} (AdamW with its "
+                              "parameter groups, lr_at(step)); allowed: remove the key from the JSON")
+    for dtype in ("bf16", "fp16"):
+        if str(ds.get(dtype, {}).get("enabled", False)).lower() == "true":
+            raise ConfigError(f"deepspeed config {dtype}.enabled=true: it casts every parameter, the connection "
+                              f"parameters included, to {dtype}; allowed: remove it and set trainer.precision "
+                              f"(mhc-lm runs DeepSpeed with torch_autocast)")
+    _check_ds_value(ds, "train_micro_batch_size_per_gpu", cfg.trainer.batch_size, "trainer.batch_size")
+    _check_ds_value(ds, "gradient_accumulation_steps", grad_accum, "trainer.grad_accum")
+    _check_ds_value(ds, "gradient_clipping", float(cfg.optim.grad_clip), "optim.grad_clip")
+    _check_ds_value(ds, "train_batch_size", cfg.trainer.batch_size * grad_accum * accelerator.num_processes,
+                    "trainer.batch_size x grad_accum x processes")
+    autocast = ds.get("torch_autocast", {})
+    wanted = DS_PRECISION.get(precision)
+    if autocast.get("enabled") and autocast.get("dtype", "bfloat16") != wanted:
+        raise ConfigError(f"trainer.precision={precision!r}: the DeepSpeed config asks for torch_autocast in "
+                          f"{autocast.get('dtype')}; allowed: make them agree")
+    ds["train_micro_batch_size_per_gpu"] = cfg.trainer.batch_size
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["gradient_clipping"] = float(cfg.optim.grad_clip)
+    ds["train_batch_size"] = cfg.trainer.batch_size * grad_accum * accelerator.num_processes
+    ds["torch_autocast"] = {"enabled": wanted is not None, **({"dtype": wanted} if wanted else {})}
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # the export needs the full weights gathered on save
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+def configure_fsdp(accelerator) -> None:
+    """FSDP keeps fp32 parameters (connection parameters included) and computes in autocast."""
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    else:
+        from torch.distributed.fsdp import MixedPrecision
+
+        plugin.mixed_precision_policy = MixedPrecision(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                                       buffer_dtype=torch.float32)
+
+
+def check_engine(accelerator, world_size: int) -> None:
+    """Refuse launches that would silently train something else than asked: independent replicas
+    instead of data parallelism, or plain DDP where FSDP was configured."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if world_size > 1 and (kind == DistributedType.NO or accelerator.num_processes != world_size):
+        raise ConfigError(f"environment WORLD_SIZE={world_size}: accelerate set up {kind.value} with "
+                          f"{accelerator.num_processes} process(es); allowed: a launch accelerate recognises "
+                          "(accelerate launch --config_file launch/accelerate/*.yaml, or torchrun)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != DistributedType.FSDP:
+        raise ConfigError(f"accelerate config distributed_type=FSDP: this launch runs as {kind.value} (FSDP "
+                          "needs CUDA devices); allowed: launch/accelerate/ddp.yaml or a DeepSpeed config here")
+
+
+def engine_name(accelerator) -> str:
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return "fsdp"
+    return "ddp" if accelerator.num_processes > 1 else "single"
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, also when ZeRO-3 has partitioned them (ds_numel)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 -> checkpoint at the end of the step, on every rank, then exit cleanly."""
+
+    def __init__(self, signals: tuple[str, ...] = PREEMPT_SIGNALS):
+        self.received: str | None = None
+        for name in signals:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+        print(f"[rank {process_rank()}] received {self.received}: checkpointing at the end of this step",
+              file=sys.stderr, flush=True)
+
+    def requested(self, accelerator) -> bool:
+        """True on every rank when any rank was signalled (one all-reduce of a flag)."""
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -1,0 +1,46 @@
+"""Identity-HC: H_res = I with dynamic H_pre and H_post (the cheapest ablation of the family).
+
+The streams are never mixed; each sublayer reads a learned combination of them and writes back with
+learned weights. No res logits, no projection, no stream matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .base import GeneratedMixer, GeneratorOptions, collapse_streams, expand_output
+from .registry import register
+
+
+@dataclasses.dataclass
+class IhcOptions(GeneratorOptions):
+    pass
+
+
+@register("ihc", IhcOptions)
+class IhcMixer(GeneratedMixer):
+    @staticmethod
+    def res_logits(n: int) -> int:
+        return 0
+
+    @staticmethod
+    def res_flops(n: int) -> int:
+        return 0
+
+    def __init__(self, dim: int, n: int, layer_index: int, options: IhcOptions):
+        super().__init__(dim, n, layer_index, options)
+        self.reset_parameters()
+
+    def res_base_init(self) -> torch.Tensor:
+        return torch.zeros(0)
+
+    def project(self, res_logit: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(self.n, dtype=res_logit.dtype, device=res_logit.device)
+        return eye.expand(*res_logit.shape[:-1], self.n, self.n)
+
+    def forward(self, streams, branch):
+        h_pre, h_post, _ = self.generate(streams)
+        out = branch(collapse_streams(h_pre, streams))
+        return streams + expand_output(h_post, out, streams)  # H_res = I: no stream matmul
