@@ -36,7 +36,7 @@ def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float
                       trainer=TrainerConfig(batch_size=args.batch, precision=args.precision, compile=args.compile,
                                             run_name="bench"))
     validate(cfg)
-    accelerator = make_accelerator(cfg)
+    accelerator, _, _ = make_accelerator(cfg)
     torch.manual_seed(0)
     model = MhcForCausalLM(build_config(model_cfg, residual, args.vocab, eos_token_id=0)).to(device)
     optimizer = build_optimizer(model, cfg.optim)
