@@ -63,7 +63,7 @@ def check_compatible(checkpoint: Path, run_config: dict[str, Any]) -> None:
     for section in ("model", "residual"):
         keys = sorted(set(saved.get(section, {})) | set(run_config.get(section, {})))
         for key in keys:
-            if section == "model" and key == "name":
+            if (section, key) in (("model", "name"), ("residual", "kernel")):  # not part of the model's math
                 continue
             old, new = saved.get(section, {}).get(key), run_config.get(section, {}).get(key)
             if old != new:

@@ -222,6 +222,7 @@ def validate_model(model: ModelConfig) -> None:
 
 
 def validate_residual(residual: dict[str, Any]) -> None:
+    from .kernels import check_kernel_usable
     from .residual import COLLAPSE_MODES, MIXERS, make_mixer, mixer_options
 
     name = residual.get("name")
@@ -234,6 +235,7 @@ def validate_residual(residual: dict[str, Any]) -> None:
         make_mixer(name, 1, n, 0, **mixer_options(residual))
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_kernel_usable(residual.get("kernel", "auto"), n)  # a forced triton needs triton and a GPU (or the interpreter)
 
 
 def expand_files(patterns: list[str]) -> list[str]:

@@ -14,6 +14,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. The switch is read when a kernel
+# is defined, so it is set here, before any test module imports mhc_lm.kernels.
+if not _cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A run small enough for a CPU test: tiny model, short blocks, a 512-token BPE.

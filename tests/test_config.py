@@ -79,6 +79,9 @@ def with_changes(cfg: TrainConfig, section: str, **changes) -> TrainConfig:
     ("residual", {"name": "mhx"}, "residual.name='mhx': allowed: hc, ihc, kromhc, mhc, mhc_lite, residual, rtbp, shc, tbp"),
     ("residual", {"collapse": "max"}, "residual.collapse='max': allowed: head, sum, mean"),
     ("residual", {"sinkhorn_iter": 2}, "residual.sinkhorn_iter=2: not an option of residual=mhc"),
+    ("residual", {"kernel": "cuda"}, "residual.kernel='cuda': unknown kernel choice; allowed: auto, triton, torch"),
+    ("residual", {"kernel": "triton", "n": 16}, "residual.kernel='triton': the kernels take up to 8 streams, not "
+                                                "residual.n=16; allowed: auto, torch"),
     ("model", {"n_heads": 3}, "model.n_heads=3: model.d_model=128 must be divisible by it"),
     ("model", {"n_kv_heads": 3}, "model.n_kv_heads=3: allowed: a divisor of model.n_heads=4"),
     ("data", {"seq_len": 4096}, "data.seq_len=4096: longer than the model's context model.max_seq_len=1024"),
@@ -113,6 +116,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps(saved))
     check_compatible(tmp_path, saved)  # the same config is fine
     check_compatible(tmp_path, {**saved, "model": {**saved["model"], "name": "renamed"}})  # a name is not architecture
+    check_compatible(tmp_path, {**saved, "residual": {**saved["residual"], "kernel": "torch"}})  # nor the kernels
     changed = {**saved, "model": {**saved["model"], "d_model": 256}}
     with pytest.raises(ConfigError, match=r"model.d_model=256: the checkpoint .* was trained with model.d_model=128"):
         check_compatible(tmp_path, changed)
@@ -136,3 +140,27 @@ def test_a_shard_directory_must_hold_a_complete_manifest(tmp_path):
     (newer / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(ConfigError, match="version 99; allowed: mhc-lm-token-shards version <= 1"):
         validate(with_changes(base, "data", dir=str(newer)))
+
+
+def test_forced_triton_needs_triton_and_a_gpu_or_the_interpreter(monkeypatch):
+    """residual.kernel=triton is refused before any work where it could not run; auto and torch always run."""
+    import torch
+
+    import mhc_lm.kernels as kernels
+
+    cfg = with_changes(composed(), "residual", kernel="triton")
+    monkeypatch.setattr(kernels, "_TRITON_AVAILABLE", False)
+    with pytest.raises(ConfigError, match=r"^residual.kernel='triton': triton is not installed \(pip install -e "
+                                          r"'.\[kernels\]'\); allowed: auto, torch$"):
+        validate(cfg)
+    monkeypatch.setattr(kernels, "_TRITON_AVAILABLE", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match=r"^residual.kernel='triton': no CUDA device, and the Triton interpreter "
+                                          r"is off .*; allowed: auto, torch$"):
+        validate(cfg)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    validate(cfg)  # the interpreter runs the kernels on CPU
+    for kernel in ("auto", "torch"):
+        monkeypatch.setattr(kernels, "_TRITON_AVAILABLE", False)
+        validate(with_changes(composed(), "residual", kernel=kernel))

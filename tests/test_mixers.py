@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mhc_lm.residual import MIXERS, apply_comb, make_mixer
+from mhc_lm.residual import COMMON_OPTIONS, MIXERS, apply_comb, make_mixer
 from mhc_lm.residual.registry import parse_options
 
 # Streams per variant for the generic tests (the plain residual has exactly one).
@@ -125,6 +125,7 @@ def test_residual_mixer_is_x_plus_f():
     ("mhc", 4, {"sinkhorn_iter": 3}, "residual.sinkhorn_iter=3: not an option of residual=mhc"),
     ("mhc", 4, {"pre_init": "random"}, "residual.pre_init='random'"),
     ("mhc", 4, {"res_init": "eye"}, "residual.res_init='eye'"),
+    ("hc", 4, {"kernel": "fused"}, "residual.kernel='fused': unknown kernel choice; allowed: auto, triton, torch"),
     ("residual", 4, {}, "residual.n=4"),
     ("nope", 4, {}, "residual.name='nope'"),
 ])
@@ -145,6 +146,41 @@ def test_options_dataclass_defaults_are_the_yaml_defaults():
     for name in MIXERS:
         path = Path(__file__).resolve().parents[1] / "conf" / "residual" / f"{name}.yaml"
         values = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k not in MODEL_KEYS}
-        defaults = dataclasses.asdict(parse_options(name, {}))
+        defaults = {**COMMON_OPTIONS, **dataclasses.asdict(parse_options(name, {}))}
         assert values == {k: defaults[k] for k in values}, name
         assert set(values) == set(defaults), f"{path.name} should list every option of {name}"
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_every_mixer_takes_the_common_kernel_option(name):
+    """`kernel` is accepted by every variant (default auto); on CPU, auto and torch are the same PyTorch path."""
+    n = VARIANT_N[name]
+    assert make_mixer(name, 8, n, 0).kernel == "auto"
+    outputs = []
+    for kernel in ("auto", "torch"):
+        torch.manual_seed(0)
+        mixer = make_mixer(name, 8, n, 0, kernel=kernel)
+        assert mixer.kernel == kernel
+        outputs.append(mixer(torch.ones(1, 2, n, 8), torch.tanh))
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_torch_path_compiles_without_graph_breaks(name):
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without codegen."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    n, dim = VARIANT_N[name], 16
+    mixer = make_mixer(name, dim, n, 1, kernel="torch")
+    linear = torch.nn.Linear(dim, dim)
+    compiled = torch.compile(lambda x: mixer(x, linear), fullgraph=True, backend="aot_eager")
+    streams = torch.randn(2, 5, n, dim)
+    x_compiled, x_eager = streams.clone().requires_grad_(), streams.clone().requires_grad_()
+    out_compiled, out_eager = compiled(x_compiled), mixer(x_eager, linear)
+    torch.testing.assert_close(out_compiled, out_eager)
+    probe = torch.randn_like(out_eager)
+    params = list(mixer.parameters())
+    grads_compiled = torch.autograd.grad(out_compiled, [x_compiled, *params], probe)
+    grads_eager = torch.autograd.grad(out_eager, [x_eager, *params], probe)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b)

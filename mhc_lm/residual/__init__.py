@@ -6,11 +6,12 @@ Importing this package registers every variant.
 from . import hc, ihc, kromhc, mhc, mhc_lite, residual, shc, tbp  # noqa: F401  (registration side effects)
 from .base import Mixer, apply_comb, collapse_streams, write_streams
 from .collapse import COLLAPSE_MODES, HyperHead, expand_streams, make_collapse
-from .registry import MIXERS, MODEL_KEYS, make_mixer, mixer_options, parse_options
+from .registry import COMMON_OPTIONS, MIXERS, MODEL_KEYS, make_mixer, mixer_options, parse_options
 from .sinkhorn import sinkhorn, sinkhorn_reference
 
 __all__ = [
     "COLLAPSE_MODES",
+    "COMMON_OPTIONS",
     "MIXERS",
     "MODEL_KEYS",
     "HyperHead",

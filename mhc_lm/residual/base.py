@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .dispatch import glue_ops, use_triton
+
 Branch = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -45,6 +47,14 @@ def write_streams(h_post: torch.Tensor, out: torch.Tensor, comb: torch.Tensor, s
     return expand_output(h_post, out, streams) + apply_comb(comb, streams)
 
 
+def stream_ops(kernel: str, streams: torch.Tensor):
+    """(collapse, write) for these streams: the fused Triton kernels (`mhc_lm.kernels.glue`) or the PyTorch
+    functions above, by `residual.kernel` and the device. The one dispatch point of the apply step."""
+    if use_triton(kernel, streams, streams.shape[-2]):
+        return glue_ops()
+    return collapse_streams, write_streams
+
+
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weight-less RMS normalization over the last dimension, in fp32."""
     x = x.float()
@@ -59,6 +69,7 @@ class Mixer(nn.Module):
     """
 
     n: int
+    kernel: str = "auto"  # residual.kernel (auto | triton | torch), set by `make_mixer`; see mhc_lm.kernels
 
     def mixing(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -68,8 +79,9 @@ class Mixer(nn.Module):
 
     def forward(self, streams: torch.Tensor, branch: Branch) -> torch.Tensor:
         h_pre, h_post, comb = self.mixing(streams)
-        out = branch(collapse_streams(h_pre, streams))
-        return write_streams(h_post, out, comb, streams)
+        collapse, write = stream_ops(self.kernel, streams)
+        out = branch(collapse(h_pre, streams))
+        return write(h_post, out, comb, streams)
 
     def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(h_pre, h_post, h_res) with h_res = comb^T in the paper's orientation (rows = forward gain)."""
@@ -161,13 +173,20 @@ class GeneratedMixer(Mixer):
         base_post = torch.zeros(n)  # post = 2 * sigmoid(0) = 1
         self.base.copy_(torch.cat([base_pre, base_post, self.res_base_init().flatten()]))
 
+    def raw_mixes(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """streams (B, T, n, C) -> flat @ fn^T (B, T, 2n + k) and r = 1 / RMS(flat) (B, T, 1), fp32.
+
+        One weight-less RMS over all n*C values; multiplying by r after the matmul equals normalizing before.
+        """
+        flat = streams.flatten(-2).float()  # (B, T, n*C)
+        r = torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.options.rms_eps)
+        return torch.nn.functional.linear(flat, self.fn.float()), r
+
     def generate(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams (B, T, n, C) -> pre (B, T, n), post (B, T, n), res_logit (B, T, k), all fp32."""
         n, opt = self.n, self.options
-        flat = streams.flatten(-2).float()  # (B, T, n*C)
-        # One weight-less RMS over all n*C values; multiplying after the matmul equals normalizing before.
-        r = torch.rsqrt(flat.square().mean(-1, keepdim=True) + opt.rms_eps)
-        mixes = torch.nn.functional.linear(flat, self.fn.float()) * r  # (B, T, 2n + k)
+        mixes, r = self.raw_mixes(streams)
+        mixes = mixes * r  # (B, T, 2n + k)
         pre_m, post_m, res_m = mixes.split([n, n, self.num_res_logits], dim=-1)
         base_pre, base_post, base_res = self.base.float().split([n, n, self.num_res_logits])
         scale = self.scale.float()

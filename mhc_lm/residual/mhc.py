@@ -2,6 +2,9 @@
 
 comb = Sinkhorn(res_logit) with res_logit (n, n) in the comb layout; H_res = comb^T. Rows of H_res are
 exact (to eps), columns approximate: the diagnostics report the column error rather than hide it.
+
+On the Triton path (`residual.kernel`, mhc_lm.kernels) the generator's epilogue (scales, biases, sigmoids
+and the Sinkhorn) is one fused kernel after the matmul; the PyTorch path computes the same function.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import dataclasses
 import torch
 
 from .base import GeneratedMixer, ResOptions
+from .dispatch import sinkhorn_ops, use_triton
 from .registry import register
 from .sinkhorn import sinkhorn
 
@@ -49,4 +53,13 @@ class MhcMixer(GeneratedMixer):
 
     def project(self, res_logit):
         res_logit = res_logit.unflatten(-1, (self.n, self.n))  # (B, T, n, n), comb layout
-        return sinkhorn(res_logit, self.options.sinkhorn_iters, self.options.sinkhorn_eps)
+        return sinkhorn(res_logit, self.options.sinkhorn_iters, self.options.sinkhorn_eps, self.kernel)
+
+    def mixing(self, streams):
+        if not use_triton(self.kernel, streams, self.n):
+            return super().mixing(streams)
+        _, mhc_coefficients = sinkhorn_ops()
+        opt = self.options
+        mixes, r = self.raw_mixes(streams)
+        return mhc_coefficients(mixes, r, self.scale.float(), self.base.float(), self.n, opt.sinkhorn_iters,
+                                opt.sinkhorn_eps, opt.hc_eps)

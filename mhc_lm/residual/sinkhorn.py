@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import sinkhorn_ops, use_triton
+
 __all__ = ["sinkhorn", "sinkhorn_reference"]
 
 
@@ -96,14 +98,19 @@ class _Sinkhorn(torch.autograd.Function):
         return _matrix_last(grad_logits).to(logits.dtype), None, None
 
 
-def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6) -> torch.Tensor:
+def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6, kernel: str = "auto") -> torch.Tensor:
     """Project `logits` (..., n, n) to `comb` (..., n, n) in fp32 (fp64 stays fp64).
 
     Memory between forward and backward: the logits only. Backward: the exact gradient of the
-    unrolled iteration (see the module docstring).
+    unrolled iteration (see the module docstring). `kernel` (auto | triton | torch) picks the Triton
+    kernel or this PyTorch path as `residual.kernel` does (mhc_lm.kernels); `auto` keeps fp64 and
+    n > 8 on PyTorch.
     """
     if iters < 1:
         raise ValueError(f"sinkhorn iters={iters}: must be an integer >= 1")
     if logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects square (..., n, n) logits, got shape {tuple(logits.shape)}")
+    if (logits.dtype != torch.float64 or kernel == "triton") and use_triton(kernel, logits, logits.shape[-1]):
+        sinkhorn_kernel, _ = sinkhorn_ops()
+        return sinkhorn_kernel(logits, iters, eps)
     return _Sinkhorn.apply(logits, iters, eps)

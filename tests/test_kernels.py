@@ -1,0 +1,312 @@
+"""The Triton kernels against the PyTorch reference, forward and backward (CPU: Triton's interpreter).
+
+Without a GPU, conftest turns the interpreter on (TRITON_INTERPRET=1) before the kernels are defined,
+so these tests run the kernels' own code on CPU tensors. With a GPU they run on it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mhc_lm.kernels import glue, use_triton  # noqa: E402
+from mhc_lm.kernels import sinkhorn as ks  # noqa: E402
+from mhc_lm.residual import make_mixer  # noqa: E402
+from mhc_lm.residual.base import collapse_streams, write_streams  # noqa: E402
+from mhc_lm.residual.sinkhorn import sinkhorn, sinkhorn_reference  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32 = dict(rtol=1e-5, atol=1e-5)  # the contract: the kernels match the reference to 1e-5 in fp32
+BF16 = dict(rtol=8e-3, atol=1e-5)  # one rounding of an fp32 result to bf16 (2^-8 relative)
+
+
+def ragged(block: int) -> int:
+    """A token count that is not a multiple of the block: one full program, one partial."""
+    return block + block // 2 + 1
+
+
+def grads(outputs, inputs, seed=0):
+    """Gradients of sum(outputs * fixed random weights) w.r.t. inputs (a generic VJP probe). The weights are
+    bf16 numbers, so a bf16 output and its fp32 reference get exactly the same ones."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    probes = [torch.randn(o.shape, generator=gen).bfloat16().to(o.device, o.dtype) for o in outputs]
+    return torch.autograd.grad(outputs, inputs, probes)
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual.float(), expected.float(), **(FP32 if dtype == torch.float32 else BF16))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sinkhorn
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("magnitude", [1.0, 50.0])
+def test_sinkhorn_kernel_matches_reference(n, dtype, magnitude):
+    torch.manual_seed(n)
+    tokens = ragged(ks.block_tokens(n))
+    logits = (torch.randn(tokens, n, n) * magnitude).to(DEVICE, dtype).requires_grad_()
+    comb = ks.sinkhorn(logits, 20, 1e-6)
+    assert comb.dtype == torch.float32
+    (grad,) = grads([comb], [logits])
+    assert grad.dtype == dtype
+    ref_logits = logits.detach().float().requires_grad_()  # the reference in fp32 from the same inputs
+    ref = sinkhorn_reference(ref_logits, 20, 1e-6)
+    (ref_grad,) = grads([ref], [ref_logits])
+    torch.testing.assert_close(comb, ref, **FP32)  # fp32 out whatever the input dtype
+    close(grad, ref_grad, dtype)
+    assert torch.isfinite(grad.float()).all()
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_sinkhorn_kernel_other_iteration_counts(iters):
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 37, 4, 4) * 3).to(DEVICE).requires_grad_()
+    comb = ks.sinkhorn(logits, iters, 1e-4)
+    ref = sinkhorn_reference(logits, iters, 1e-4)
+    torch.testing.assert_close(comb, ref, **FP32)
+    for ours, theirs in zip(grads([comb], [logits]), grads([ref], [logits])):
+        torch.testing.assert_close(ours, theirs, **FP32)
+
+
+def test_sinkhorn_dispatch_by_kernel_option():
+    logits = torch.randn(5, 4, 4, device=DEVICE, requires_grad=True)
+    for kernel in ("triton", "torch", "auto"):
+        comb = sinkhorn(logits, kernel=kernel)
+        torch.testing.assert_close(comb, sinkhorn_reference(logits), **FP32)
+    # fp64 stays on the PyTorch path under auto (it is what the fp64 gradcheck checks).
+    assert sinkhorn(logits.double(), kernel="auto").dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The coefficient epilogue
+
+
+def epilogue_reference(mixes, r, scale, base, n, iters, eps, hc_eps):
+    """SPEC 2.3-2.4 written out with torch ops, from the same matmul output and r."""
+    mixes = mixes * r
+    pre_m, post_m, res_m = mixes.split([n, n, n * n], dim=-1)
+    base_pre, base_post, base_res = base.split([n, n, n * n])
+    pre = torch.sigmoid(scale[0] * pre_m + base_pre) + hc_eps
+    post = 2 * torch.sigmoid(scale[1] * post_m + base_post)
+    comb = sinkhorn_reference((scale[2] * res_m + base_res).unflatten(-1, (n, n)), iters, eps)
+    return pre, post, comb
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("magnitude", [1.0, 50.0])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's sigmoid at -100: exact 0
+def test_coefficient_epilogue_matches_reference(n, magnitude):
+    """Res logits up to |50| (magnitude 50, scale 1): the Sinkhorn's hardest inputs."""
+    torch.manual_seed(n)
+    tokens = ragged(ks.block_tokens(n))
+    width = 2 * n + n * n
+    mixes = (torch.randn(tokens, width) * magnitude).to(DEVICE).requires_grad_()
+    r = (torch.rand(tokens, 1) + 0.5).to(DEVICE).requires_grad_()
+    scale = torch.tensor([0.7, 1.3, 0.8], device=DEVICE, requires_grad=True)  # all != 1
+    base = torch.randn(width, device=DEVICE, requires_grad=True)
+    inputs = (mixes, r, scale, base)
+    ours = ks.mhc_coefficients(*inputs, n, 20, 1e-6, 1e-6)
+    ref = epilogue_reference(*inputs, n, 20, 1e-6, 1e-6)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **FP32)
+    for a, b in zip(grads(ours, inputs), grads(ref, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+
+
+def test_coefficient_epilogue_with_unused_outputs():
+    """Autograd hands None for outputs that do not reach the loss; the backward treats them as zero."""
+    n = 4
+    mixes = torch.randn(10, 2 * n + n * n, device=DEVICE, requires_grad=True)
+    r = torch.ones(10, 1, device=DEVICE)
+    scale, base = torch.ones(3, device=DEVICE), torch.zeros(2 * n + n * n, device=DEVICE)
+    _, post, _ = ks.mhc_coefficients(mixes, r, scale, base, n, 20, 1e-6, 1e-6)
+    (grad,) = torch.autograd.grad(post.sum(), mixes)
+    _, ref_post, _ = epilogue_reference(mixes, r, scale, base, n, 20, 1e-6, 1e-6)
+    (ref_grad,) = torch.autograd.grad(ref_post.sum(), mixes)
+    torch.testing.assert_close(grad, ref_grad, **FP32)
+    assert grad[:, 2 * n:].abs().max() == 0  # nothing flows into the res block
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The apply kernels (generic in comb)
+
+
+def stream_inputs(n, dtype, expanded=False, seed=0):
+    """Streams (B, T, n, C) with B*T and C not multiples of the blocks, and random coefficients."""
+    torch.manual_seed(seed)
+    bt, bc = glue.blocks(n)
+    B, T, C = 2, ragged(bt) // 2 + 1, bc + bc // 2 + 3
+    if expanded:  # the embedding copied into every stream (stride 0), as the model's first layer sees it
+        streams = torch.randn(B, T, C).to(DEVICE, dtype).unsqueeze(-2).expand(B, T, n, C)
+    else:
+        streams = torch.randn(B, T, n, C).to(DEVICE, dtype)
+    h = (torch.rand(B, T, n) * 2).to(DEVICE)
+    out = torch.randn(B, T, C).to(DEVICE, dtype)
+    comb = torch.rand(B, T, n, n).to(DEVICE)
+    return [t.detach().requires_grad_() for t in (h, out, comb, streams)]
+
+
+def reference_from(tensors):
+    """The same leaves in fp32 (the reference computes in the kernels' precision)."""
+    return [t.detach().float().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_collapse_kernel_matches_reference(n, dtype, expanded):
+    h, _, _, streams = stream_inputs(n, dtype, expanded)
+    y = glue.collapse_streams(h, streams)
+    assert y.dtype == dtype and y.shape == streams.shape[:-2] + streams.shape[-1:]
+    ref_h, ref_streams = reference_from([h, streams])
+    ref = collapse_streams(ref_h, ref_streams)
+    close(y, ref, dtype)
+    for a, b, leaf in zip(grads([y], [h, streams]), grads([ref], [ref_h, ref_streams]), [h, streams]):
+        assert a.dtype == leaf.dtype
+        close(a, b, a.dtype)  # fp32 gradients (of h) are exact sums of bf16 products: the fp32 tolerance
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("expanded", [False, True])
+def test_write_kernel_matches_reference(n, dtype, expanded):
+    inputs = stream_inputs(n, dtype, expanded, seed=n)
+    y = glue.write_streams(*inputs)
+    assert y.dtype == dtype and y.shape == inputs[3].shape
+    ref_inputs = reference_from(inputs)
+    ref = write_streams(*ref_inputs)
+    close(y, ref, dtype)
+    for a, b, leaf in zip(grads([y], inputs), grads([ref], ref_inputs), inputs):
+        assert a.dtype == leaf.dtype
+        close(a, b, a.dtype)
+
+
+def test_write_kernel_pins_the_comb_convention():
+    """new stream i = sum_j comb[j, i] x_j (H_res = comb^T), by hand, through the kernel."""
+    h_res = torch.tensor([[0.9, 0.1], [0.3, 0.7]])
+    comb = h_res.T.reshape(1, 1, 2, 2).to(DEVICE)
+    streams = torch.tensor([[10.0, 1.0], [20.0, 2.0]]).reshape(1, 1, 2, 2).to(DEVICE)
+    zero = torch.zeros(1, 1, 2, device=DEVICE)
+    out = glue.write_streams(zero, zero, comb, streams)[0, 0]
+    torch.testing.assert_close(out.cpu(), torch.tensor([[11.0, 1.1], [17.0, 1.7]]))
+
+
+def test_write_kernel_promotes_mixed_dtypes_like_the_reference():
+    h, out, comb, streams = stream_inputs(4, torch.float32)
+    out = out.detach().bfloat16().requires_grad_()
+    y = glue.write_streams(h, out, comb, streams)
+    assert y.dtype == write_streams(h, out, comb, streams).dtype == torch.float32
+    (grad_out,) = grads([y], [out])
+    assert grad_out.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Whole mixers: the kernel path equals the PyTorch path
+
+
+def mixer_pair(name, n, dim, **options):
+    torch.manual_seed(0)
+    fast = make_mixer(name, dim, n, 1, kernel="triton", **options).to(DEVICE)
+    slow = make_mixer(name, dim, n, 1, kernel="torch", **options).to(DEVICE)
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.normal_(0, 0.3)
+    slow.load_state_dict(fast.state_dict())
+    return fast, slow
+
+
+@pytest.mark.parametrize("name,options", [
+    ("mhc", {"fn_init_std": 0.5, "scale_init": 1.0}),
+    ("hc", {"scale_init": 0.5}),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixer_kernel_path_equals_torch_path(name, options, dtype):
+    n, dim = 4, 48
+    fast, slow = mixer_pair(name, n, dim, **options)
+    linear = torch.nn.Linear(dim, dim).to(DEVICE, dtype)
+    streams = torch.randn(2, 41, n, dim).to(DEVICE, dtype)
+    x_fast, x_slow = streams.clone().requires_grad_(), streams.clone().requires_grad_()
+    y_fast, y_slow = fast(x_fast, linear), slow(x_slow, linear)
+    assert y_fast.dtype == y_slow.dtype
+    tol = FP32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: the torch path rounds more
+    torch.testing.assert_close(y_fast.float(), y_slow.float(), **tol)
+    g_fast = grads([y_fast], [x_fast, *fast.parameters()])
+    g_slow = grads([y_slow], [x_slow, *slow.parameters()])
+    for (pname, _), a, b in zip([("streams", None), *fast.named_parameters()], g_fast, g_slow):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol["rtol"], atol=tol["atol"] * scale, msg=pname)
+
+
+def test_mhc_coefficients_through_the_kernel_path():
+    fast, slow = mixer_pair("mhc", 3, 16, fn_init_std=0.5)
+    streams = torch.randn(3, 11, 3, 16, device=DEVICE)
+    for a, b in zip(fast.coefficients(streams), slow.coefficients(streams)):
+        torch.testing.assert_close(a, b, **FP32)
+
+
+def test_kernel_path_compiles_without_graph_breaks():
+    """The kernels are torch.library custom ops: torch.compile(fullgraph=True) takes them as single nodes."""
+    torch._dynamo.reset()
+    fast, slow = mixer_pair("mhc", 4, 32, fn_init_std=0.5)
+    linear = torch.nn.Linear(32, 32).to(DEVICE)
+    compiled = torch.compile(lambda x: fast(x, linear), fullgraph=True, backend="aot_eager")
+    streams = torch.randn(2, 9, 4, 32, device=DEVICE)
+    x_compiled, x_eager = streams.clone().requires_grad_(), streams.clone().requires_grad_()
+    out = compiled(x_compiled)
+    ref = slow(x_eager, linear)
+    torch.testing.assert_close(out, ref, **FP32)
+    torch.testing.assert_close(grads([out], [x_compiled])[0], grads([ref], [x_eager])[0], **FP32)
+
+
+def test_every_kernel_compiles_for_a_gpu():
+    """The interpreter runs the kernels' Python; only Triton's compiler rejects what it cannot lower (a
+    non-constexpr axis, say). Compile each kernel for sm_90 with the bundled ptxas (no GPU needed)."""
+    pytest.importorskip("triton.compiler")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "benchmarks/kernel_resources.py", "--check", "--iters", "2",
+                             "--n", "3", "4", "8"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.count("compiled in") == 3 * 8
+
+
+def test_dispatch_rule():
+    cpu = torch.zeros(1)
+    assert not use_triton("torch", cpu, 4) and not use_triton("auto", cpu, 4)
+    assert use_triton("triton", cpu, 4)  # under the interpreter (conftest) a CPU tensor may take the kernels
+    if torch.cuda.is_available():
+        cuda = torch.zeros(1, device="cuda")
+        assert use_triton("auto", cuda, 4) and not use_triton("auto", cuda, 16) and not use_triton("torch", cuda, 4)
+
+
+@pytest.mark.gpu
+def test_auto_takes_the_kernels_on_a_gpu(monkeypatch):
+    calls = []
+    real = glue.write_streams
+    monkeypatch.setattr(glue, "write_streams", lambda *a: calls.append(1) or real(*a))
+    mixer = make_mixer("mhc", 64, 4, 0).cuda()
+    mixer(torch.randn(2, 8, 4, 64, device="cuda"), lambda x: x)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_gpu_kernels_at_scale_in_bf16(n):
+    """64K tokens through the epilogue and the Sinkhorn on the device, against the fp32 reference."""
+    torch.manual_seed(0)
+    logits = (torch.randn(65536, n, n, device="cuda") * 8).bfloat16().requires_grad_()
+    comb = ks.sinkhorn(logits, 20, 1e-6)
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = sinkhorn_reference(ref_logits, 20, 1e-6)
+    torch.testing.assert_close(comb, ref, **FP32)
+    close(grads([comb], [logits])[0], grads([ref], [ref_logits])[0], torch.bfloat16)
