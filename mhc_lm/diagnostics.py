@@ -37,6 +37,7 @@ from .residual.base import GeneratedMixer
 from .residual.hc import HcMixer
 
 LOGIT_RANGE_LIMIT = 15.0  # a res_logit range above this risks Sinkhorn non-convergence (SPEC section 6)
+NEGATIVE_ENTRY = -1e-6  # entries below this are negative by design, not by rounding (e.g. "what is left" of a row)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,8 +77,8 @@ def _mean_max(prefix: str, values: torch.Tensor) -> dict[str, float]:
     return {f"{prefix}_mean": values.mean().item(), f"{prefix}_max": values.max().item()}
 
 
-def h_res_stats(h: torch.Tensor) -> dict[str, Any]:
-    """Statistics of one sublayer's H_res, (N, n, n) float64 per token."""
+def h_res_stats(h: torch.Tensor) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Statistics of one sublayer's H_res, (N, n, n) float64 per token; and the per-token values to histogram."""
     n = h.shape[-1]
     fwd, bwd = amax_gains(h)
     sv = torch.linalg.svdvals(h)  # (N, n), descending
@@ -100,14 +101,16 @@ def h_res_stats(h: torch.Tensor) -> dict[str, Any]:
     }
     if n > 1:
         stats["sigma2_mean"] = sv[:, 1].mean().item()
-    return stats
+    return stats, {"h_res": h.flatten(), "spectral_norm": sv[:, 0]}
 
 
-def composite_stats(c: torch.Tensor) -> dict[str, float]:
-    """Gains and spectral norm of the composite map from a sublayer to the output, (N, n, n) per token."""
+def composite_stats(c: torch.Tensor) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Gains and spectral norm of the composite map from a sublayer to the output, (N, n, n) per token;
+    and the per-token values to histogram."""
     fwd, bwd = amax_gains(c)
-    return {**_mean_max("comp_gain_fwd", fwd), **_mean_max("comp_gain_bwd", bwd),
-            **_mean_max("comp_spectral_norm", torch.linalg.svdvals(c)[:, 0])}
+    stats = {**_mean_max("comp_gain_fwd", fwd), **_mean_max("comp_gain_bwd", bwd),
+             **_mean_max("comp_spectral_norm", torch.linalg.svdvals(c)[:, 0])}
+    return stats, {"comp_gain_fwd": fwd}
 
 
 def stream_stats(streams: torch.Tensor) -> dict[str, Any]:
@@ -172,6 +175,7 @@ class SublayerProbe:
     """What one mixer saw on the probe batch. Per-token tensors are (N, ...) float64 on the CPU."""
 
     module: str
+    variant: str
     h_res: torch.Tensor  # (N, n, n), paper orientation
     stats: dict[str, Any]  # everything that does not need the other sublayers
 
@@ -187,7 +191,7 @@ def measure_mixer(module_name: str, mixer: Mixer, streams: torch.Tensor) -> Subl
     if projects_with_sinkhorn(mixer):
         res_logit = mixer.generate(streams)[2]
         stats.update(logit_stats(res_logit.reshape(-1, res_logit.shape[-1]).double()))
-    return SublayerProbe(module_name, h_res, stats)
+    return SublayerProbe(module_name, getattr(type(mixer), "variant", type(mixer).__name__), h_res, stats)
 
 
 @torch.no_grad()
@@ -248,22 +252,19 @@ class DiagnosticsReport:
 def run_diagnostics(model: nn.Module, input_ids: torch.Tensor, step: Optional[int] = None) -> DiagnosticsReport:
     """Probe every mixer of `model` on `input_ids` (B, T) and assemble the report (SPEC section 6)."""
     probes = probe_mixers(model, input_ids)
-    first = probes[0]
     sublayers, histograms = [], {}
     for depth, (probe, comp) in enumerate(zip(probes, composites([p.h_res for p in probes]))):
         name = sublayer_name(probe.module, depth)
-        sublayers.append({"name": name, "module": probe.module, "depth": depth,
-                          **h_res_stats(probe.h_res), **composite_stats(comp), **probe.stats})
-        histograms[f"{name}/h_res"] = probe.h_res.flatten().numpy()
-        histograms[f"{name}/comp_gain_fwd"] = amax_gains(comp)[0].numpy()
-        histograms[f"{name}/spectral_norm"] = torch.linalg.svdvals(probe.h_res)[:, 0].numpy()
-    negative = any(s["min_entry"] < 0 for s in sublayers)
+        (single, single_tokens), (composite, composite_tokens) = h_res_stats(probe.h_res), composite_stats(comp)
+        sublayers.append({"name": name, "module": probe.module, "depth": depth, **single, **composite,
+                          **probe.stats})
+        histograms.update({f"{name}/{k}": v.numpy() for k, v in {**single_tokens, **composite_tokens}.items()})
+    negative = any(s["min_entry"] < NEGATIVE_ENTRY for s in sublayers)
     summary = {key: pick(s[key] for s in sublayers) for key, pick in SUMMARY.items() if key in sublayers[0]}
-    mixer = dict(model.named_modules())[first.module]
     report = {
         "step": step,
-        "variant": getattr(type(mixer), "variant", type(mixer).__name__),
-        "n": int(first.h_res.shape[-1]),
+        "variant": probes[0].variant,
+        "n": int(probes[0].h_res.shape[-1]),
         "probe": {"sequences": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                   "tokens": int(input_ids.numel())},
         "reductions": REDUCTIONS,

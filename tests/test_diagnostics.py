@@ -61,7 +61,7 @@ def test_amax_gains_read_rows_forward_and_columns_backward():
 def test_hand_built_matrices_give_known_spectra_and_health():
     n = 4
     uniform = torch.full((1, n, n), 1.0 / n, dtype=torch.float64)
-    stats = h_res_stats(uniform)
+    stats = h_res_stats(uniform)[0]
     assert stats["gain_fwd_max"] == pytest.approx(1) and stats["gain_bwd_max"] == pytest.approx(1)
     assert stats["svals_mean_matrix"] == pytest.approx([1, 0, 0, 0], abs=1e-12)
     assert stats["spectral_norm_max"] == pytest.approx(1) and stats["sigma2_mean"] == pytest.approx(0, abs=1e-12)
@@ -71,12 +71,12 @@ def test_hand_built_matrices_give_known_spectra_and_health():
     assert stats["col_sum_min"] == pytest.approx(1) and stats["log_col_sum_absmax"] == pytest.approx(0, abs=1e-12)
 
     identity = torch.eye(n, dtype=torch.float64).unsqueeze(0)
-    stats = h_res_stats(identity)
+    stats = h_res_stats(identity)[0]
     assert (stats["row_entropy_mean"], stats["diag_mass_mean"], stats["identity_dist_mean"]) == (0, 1, 0)
 
     # diag(3, 0.5) scaled permutation: singular values 3 and 0.5, column sums 0.5 and 3.
     scaled_swap = f64([[[0.0, 3.0], [0.5, 0.0]]])
-    stats = h_res_stats(scaled_swap)
+    stats = h_res_stats(scaled_swap)[0]
     assert stats["svals_mean_matrix"] == pytest.approx([3.0, 0.5])
     assert stats["sigma_min_min"] == pytest.approx(0.5) and stats["sigma2_mean"] == pytest.approx(0.5)
     assert stats["col_sum_min"] == 0.5 and stats["log_col_sum_absmax"] == pytest.approx(math.log(3))
@@ -85,7 +85,7 @@ def test_hand_built_matrices_give_known_spectra_and_health():
 
 def test_token_mean_and_token_max_are_reported_separately():
     tokens = torch.stack([torch.eye(2, dtype=torch.float64), 2 * torch.eye(2, dtype=torch.float64)])
-    stats = h_res_stats(tokens)
+    stats = h_res_stats(tokens)[0]
     assert (stats["gain_fwd_mean"], stats["gain_fwd_max"]) == (1.5, 2.0)
     assert (stats["spectral_norm_mean"], stats["spectral_norm_max"]) == (1.5, 2.0)
     assert stats["h_res_mean"] == [[1.5, 0.0], [0.0, 1.5]]
@@ -93,7 +93,7 @@ def test_token_mean_and_token_max_are_reported_separately():
 
 def test_negative_entries_make_amax_overstate_what_the_spectral_norm_bounds():
     h = rotation_off_the_ones().unsqueeze(0)
-    stats = h_res_stats(h)
+    stats = h_res_stats(h)[0]
     assert stats["min_entry"] < 0
     assert stats["svals_mean_matrix"] == pytest.approx([1, 1, 1])
     assert stats["row_sum_min"] == pytest.approx(1) and stats["col_sum_max"] == pytest.approx(1)
@@ -108,7 +108,8 @@ def test_composites_multiply_from_each_sublayer_to_the_output():
     torch.testing.assert_close(maps[1], c @ b)
     torch.testing.assert_close(maps[2], c)
     assert not torch.allclose(maps[0], a @ b @ c)  # the order matters for these matrices
-    scaled = composite_stats(torch.stack([2 * torch.eye(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)]))
+    eye = torch.eye(3, dtype=torch.float64)
+    scaled = composite_stats(torch.stack([2 * eye, eye]))[0]
     assert (scaled["comp_gain_fwd_mean"], scaled["comp_gain_fwd_max"], scaled["comp_spectral_norm_max"]) == (1.5, 2, 2)
 
 
@@ -235,7 +236,10 @@ def test_negative_entries_switch_the_bound_and_the_plot_says_so(tmp_path):
     assert SPECTRAL_NOTE in figure.get_suptitle()
     assert "the bound that matters" in figure.axes[1].get_title()
 
-    plain = run_diagnostics(MixerStack([FixedMixer(torch.eye(3))]), torch.randn(1, 2, 3, 4)).report
+    rounding = torch.eye(3) + torch.tensor([[1e-8, -1e-8, 0], [0, 0, 0], [0, 0, 0]])  # a rounding-level negative
+    plain = run_diagnostics(MixerStack([FixedMixer(rounding)]), torch.randn(1, 2, 3, 4)).report
+    assert plain["sublayers"][0]["min_entry"] < 0 and not plain["negative_entries"]
+    assert plain["bound"] == "amax_gain"
     assert SPECTRAL_NOTE not in plot_gain_vs_depth(plain, tmp_path / "plain.png").get_suptitle()
 
 
@@ -279,7 +283,8 @@ def test_gradient_norms_by_group_match_direct_sums_over_the_modules():
         "attention": norm_of(p for b in layers for p in b.attn.parameters()),
         "mlp": norm_of(p for b in layers for p in b.mlp.parameters()),
         "embeddings": norm_of([model.model.embed_tokens.weight]),
-        "norms": norm_of([*(p for b in layers for p in (b.attn_norm.weight, b.mlp_norm.weight)), model.model.norm.weight]),
+        "norms": norm_of([*(p for b in layers for p in (b.attn_norm.weight, b.mlp_norm.weight)),
+                          model.model.norm.weight]),
         "connection": norm_of([*(p for b in layers for m in (b.attn_hc, b.mlp_hc) for p in m.parameters()),
                                *model.model.hc_head.parameters()]),
         "connection.fn": norm_of(m.fn for b in layers for m in (b.attn_hc, b.mlp_hc)),
