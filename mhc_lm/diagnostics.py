@@ -176,6 +176,7 @@ class SublayerProbe:
 
     module: str
     variant: str
+    signed: bool  # the variant's H_res may have negative entries by design (class attribute `signed`)
     h_res: torch.Tensor  # (N, n, n), paper orientation
     stats: dict[str, Any]  # everything that does not need the other sublayers
 
@@ -191,7 +192,9 @@ def measure_mixer(module_name: str, mixer: Mixer, streams: torch.Tensor) -> Subl
     if projects_with_sinkhorn(mixer):
         res_logit = mixer.generate(streams)[2]
         stats.update(logit_stats(res_logit.reshape(-1, res_logit.shape[-1]).double()))
-    return SublayerProbe(module_name, getattr(type(mixer), "variant", type(mixer).__name__), h_res, stats)
+    kind = type(mixer)
+    return SublayerProbe(module_name, getattr(kind, "variant", kind.__name__), getattr(kind, "signed", False), h_res,
+                         stats)
 
 
 @torch.no_grad()
@@ -268,9 +271,10 @@ def run_diagnostics(model: nn.Module, input_ids: torch.Tensor, step: Optional[in
         "probe": {"sequences": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
                   "tokens": int(input_ids.numel())},
         "reductions": REDUCTIONS,
-        # With a negative entry, abs row/column sums overstate the gain; the spectral norm is the bound.
+        # With negative entries (seen, or allowed by the variant) abs row/column sums overstate the gain:
+        # the spectral norm is the bound that matters.
         "negative_entries": negative,
-        "bound": "spectral_norm" if negative else "amax_gain",
+        "bound": "spectral_norm" if negative or any(p.signed for p in probes) else "amax_gain",
         "summary": summary,
         "sublayers": sublayers,
     }
@@ -373,7 +377,9 @@ class GradNorms:
             return {}
         norms = torch._foreach_norm([self.params[i].grad for i in present])
         squares = torch.stack([x.float() for x in norms]).square()
-        membership = self.membership[:, present].to(squares.device)
+        if self.membership.device != squares.device:  # once: the matrix lives where the gradients are
+            self.membership = self.membership.to(squares.device)
+        membership = self.membership if len(present) == len(self.params) else self.membership[:, present]
         totals = (membership @ squares).sqrt() / loss_scale
         return dict(zip(self.keys, totals.tolist()))
 
@@ -382,87 +388,55 @@ class GradNorms:
 # The command line: python -m mhc_lm.diagnostics PATH
 
 
-def load_saved_run_config(run_dir: Optional[Path]):
-    """The run's composed Hydra config (RUN/.hydra/config.yaml) as an OmegaConf node, or None."""
-    from omegaconf import OmegaConf
+def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[int] = None,
+                    seq_len: Optional[int] = None, data: str = "run", device: str = "cpu",
+                    trust_remote_code: bool = False) -> tuple[DiagnosticsReport, Path]:
+    """The report of a checkpoint, a run (its export, else its newest checkpoint), an export or a Hub id,
+    written to `out` (default: the model's folder/diagnostics); ConfigError on a bad name or option.
 
-    if run_dir is None or not (run_dir / ".hydra" / "config.yaml").exists():
-        return None
-    return OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    The probe is the training run's own where the run is known: its data config (RUN/.hydra/config.yaml,
+    data="run") in the model's tokenizer, its data.seq_len and logger.diag_batch_size; else the bundled
+    corpus, 256 tokens (at most the model's context) and 4 sequences.
+    """
+    from .checkpoint import run_data_config, run_hydra_config
+    from .config import ConfigError, DataConfig
+    from .data import prepare_data
+    from .sources import load_source, resolve_sources
 
-
-def _data_config(saved, use_run_data: bool):
-    from omegaconf import OmegaConf
-
-    from .config import DataConfig
-
-    if saved is None or not use_run_data or "data" not in saved:
-        return DataConfig()
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), saved.data))
-
-
-def load_model(path: Path):
-    """(model, tokenizer or None, kind, run_dir or None, step or None) of an export or a checkpoint dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (path / "config.json").exists():
-        from . import model as _registers  # noqa: F401  (the architecture with the Auto classes)
-
-        model = AutoModelForCausalLM.from_pretrained(path)
-        run_dir = path.parent if (path.parent / "checkpoints").is_dir() or \
-            (path.parent / ".hydra").is_dir() else None
-        return model, AutoTokenizer.from_pretrained(path), "export", run_dir, None
-    if (path / "run_config.json").exists() and (path / "model.safetensors").exists():
-        run_dir = path.parent.parent
-        export = run_dir / "export"
-        tokenizer = AutoTokenizer.from_pretrained(export) if (export / "tokenizer.json").exists() else None
-        state = json.loads((path / "trainer_state.json").read_text()) if (path / "trainer_state.json").exists() else {}
-        return load_checkpoint_model(path, tokenizer), tokenizer, "checkpoint", run_dir, state.get("step")
-    raise SystemExit(f"error: PATH={str(path)!r}: neither an exported model (config.json) nor a training "
-                     "checkpoint (model.safetensors + run_config.json); allowed: RUN/export or RUN/checkpoints/step_N")
+    for option, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option}={value}: allowed: an integer >= 1")
+    source = resolve_sources(spec, option="PATH")[0]
+    saved = run_hydra_config(source.run_dir) if source.run_dir is not None else None
+    model, tokenizer = load_source(source, trust_remote_code)
+    context = model.config.max_position_embeddings
+    seq_len = seq_len or (saved.data.seq_len if saved is not None else min(256, context))
+    if seq_len > context:
+        raise ConfigError(f"--seq-len={seq_len}: longer than the context of {source.label}; allowed: <= {context}")
+    batch_size = batch_size or (saved.logger.get("diag_batch_size", 4) if saved is not None else 4)
+    data_cfg = (run_data_config(source.run_dir) if saved is not None and data == "run" else None) or DataConfig()
+    # The split in the model's own tokenizer, with the run's seq_len: the blocks the training probe used.
+    tokens = prepare_data(dataclasses.replace(data_cfg, tokenizer=tokenizer.name_or_path, seq_len=seq_len))
+    result = run_diagnostics(model.to(device), probe_batch(tokens.validation, seq_len, batch_size).to(device),
+                             source.step)
+    result.report["source"] = {"spec": spec, "kind": source.kind, "label": source.label}
+    local = source.kind != "hub"
+    out = out or (Path(source.location) / "diagnostics" if local else Path("diagnostics") / spec.replace("/", "--"))
+    result.write(out)
+    return result, out
 
 
-def load_checkpoint_model(path: Path, tokenizer=None):
-    """An MhcForCausalLM from accelerate's model.safetensors and run_config.json (lm_head is tied, not saved)."""
-    from safetensors.torch import load_file
-
-    from .config import ModelConfig
-    from .model import MhcForCausalLM, build_config
-
-    run_config = json.loads((path / "run_config.json").read_text())
-    state = load_file(path / "model.safetensors")
-    vocab_size = state["model.embed_tokens.weight"].shape[0]
-    eos = tokenizer.eos_token_id if tokenizer is not None else None
-    model = MhcForCausalLM(build_config(ModelConfig(**run_config["model"]), run_config["residual"], vocab_size, eos))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-    if unexpected or set(missing) - tied:
-        raise SystemExit(f"error: PATH={str(path)!r}: the weights do not fit the saved run_config.json "
-                         f"(missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)})")
-    model.tie_weights()
-    return model
-
-
-def cli_probe(tokenizer, data_cfg, seq_len: int, batch_size: int) -> torch.Tensor:
-    """The probe the training run used: the first blocks of the validation split, tokenized the same way."""
-    from .data import get_tokenizer, load_documents, tokenize_documents
-
-    docs, split_key = load_documents(data_cfg)
-    if tokenizer is None:
-        tokenizer = get_tokenizer(data_cfg, docs["train"], split_key)
-    tokens = tokenize_documents(docs["validation"], tokenizer, 1, "Tokenizing the probe")
-    if len(tokens) < seq_len + 1:
-        raise SystemExit(f"error: --seq-len={seq_len}: the validation split has only {len(tokens)} tokens; "
-                         f"allowed: < {len(tokens)}")
-    return probe_batch(tokens, seq_len, batch_size)
-
-
-def main(argv: Optional[list[str]] = None) -> DiagnosticsReport:
+def main(argv: Optional[list[str]] = None) -> int:
     import argparse
+    import sys
+
+    from .config import ConfigError
+    from .plots import DRAWERS
 
     parser = argparse.ArgumentParser(prog="python -m mhc_lm.diagnostics", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", type=Path, help="RUN/checkpoints/step_N or an exported model directory")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: PATH/diagnostics)")
+    parser.add_argument("path", help="RUN/checkpoints/step_N, a run directory, RUN/export or a Hub id")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: the model's folder/diagnostics)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="probe sequences (default: the run's logger.diag_batch_size, else 4)")
     parser.add_argument("--seq-len", type=int, default=None,
@@ -471,33 +445,17 @@ def main(argv: Optional[list[str]] = None) -> DiagnosticsReport:
                         help="run: the run's own validation split when its config is found (else bundled); "
                              "bundled: the bundled corpus's validation split")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--trust-remote-code", action="store_true", help="for Hub models whose code is not mhc-lm's")
     args = parser.parse_args(argv)
-    if not args.path.is_dir():
-        parser.error(f"PATH={str(args.path)!r}: no such directory; allowed: RUN/export or RUN/checkpoints/step_N")
-    for option in ("batch_size", "seq_len"):
-        if getattr(args, option) is not None and getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')}={getattr(args, option)}: allowed: an integer >= 1")
-
-    model, tokenizer, kind, run_dir, step = load_model(args.path)
-    saved = load_saved_run_config(run_dir)
-    if tokenizer is None and saved is None:
-        raise SystemExit(f"error: PATH={str(args.path)!r}: no tokenizer: the run has neither RUN/export nor "
-                         "RUN/.hydra/config.yaml; allowed: a checkpoint of a run that has one, or an export")
-    seq_len = args.seq_len or (saved.data.seq_len if saved is not None else
-                               min(256, model.config.max_position_embeddings))
-    if seq_len > model.config.max_position_embeddings:
-        parser.error(f"--seq-len={seq_len}: longer than the model's context; "
-                     f"allowed: <= {model.config.max_position_embeddings}")
-    batch_size = args.batch_size or (saved.logger.get("diag_batch_size", 4) if saved is not None else 4)
-    input_ids = cli_probe(tokenizer, _data_config(saved, args.data == "run"), seq_len, batch_size)
-    model = model.to(args.device).eval()
-    result = run_diagnostics(model, input_ids.to(args.device), step)
-    result.report["source"] = {"path": str(args.path), "kind": kind}
-    out = args.out or args.path / "diagnostics"
-    images = result.write(out)
+    try:
+        result, out = diagnose_source(args.path, args.out, args.batch_size, args.seq_len, args.data, args.device,
+                                      args.trust_remote_code)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print_summary(result.report)
-    print(f"wrote {out}/diagnostics.json, histograms.npz and {', '.join(p.name for p in images.values())}")
-    return result
+    print(f"wrote {out}: diagnostics.json, histograms.npz, {', '.join(f'{p}.png' for p in DRAWERS)}")
+    return 0
 
 
 def print_summary(report: dict[str, Any]) -> None:
@@ -512,4 +470,4 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

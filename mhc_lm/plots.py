@@ -13,7 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-SPECTRAL_NOTE = "H_res has negative entries: abs row/column sums overstate the gain, the spectral norm is the bound"
+SPECTRAL_NOTE = ("H_res can have negative entries: abs row/column sums overstate the gain, "
+                 "the spectral norm is the bound that matters")
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -57,8 +58,8 @@ def plot_gain_vs_depth(report: dict[str, Any], path: Path) -> Figure:
     for key, label, color in (("spectral_norm", "H_res", "tab:green"),
                               ("comp_spectral_norm", "composite", "tab:purple")):
         _mean_and_max(spectral, report, key, label, color)
-    spectral.set_title("spectral norm" + (" (the bound that matters here)" if report["negative_entries"] else ""),
-                       fontsize=9)
+    spectral_bound = report["bound"] == "spectral_norm"
+    spectral.set_title("spectral norm" + (" (the bound that matters here)" if spectral_bound else ""), fontsize=9)
     values = [v for s in report["sublayers"] for k, v in s.items() if "gain" in k or "spectral_norm" in k]
     for ax in (amax, spectral):
         if max(values) > 4 * min(values):  # geometric growth reads as a straight line; near 1, linear is clearer
@@ -69,7 +70,7 @@ def plot_gain_vs_depth(report: dict[str, Any], path: Path) -> Figure:
         _depth_axis(ax, report)
         ax.legend(fontsize=7)
     subtitle = "composite = H_res[L-1]...H_res[l], sublayer l to the output; solid: token mean, dashed: token max"
-    if report["negative_entries"]:
+    if spectral_bound:
         subtitle += "\n" + SPECTRAL_NOTE
     figure.suptitle(_title(report, "gain against depth") + "\n" + subtitle, fontsize=10)
     figure.savefig(path)
@@ -130,7 +131,7 @@ def plot_spectra(report: dict[str, Any], path: Path) -> Figure:
     _depth_axis(ax, report)
     ax.set_ylabel("singular value")
     ax.legend(fontsize=7)
-    note = "\n" + SPECTRAL_NOTE if report["negative_entries"] else ""
+    note = "\n" + SPECTRAL_NOTE if report["bound"] == "spectral_norm" else ""
     figure.suptitle(_title(report, "spectra of H_res") + note, fontsize=10)
     figure.savefig(path)
     return figure

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -197,6 +198,23 @@ def test_hc_composite_gain_grows_geometrically_while_mhc_stays_non_expansive():
     assert not report["negative_entries"] and report["bound"] == "amax_gain"
 
 
+def test_shc_is_judged_by_its_spectral_norm_which_stays_at_one():
+    """sHC's entries may be negative by design (class attribute `signed`): the bound is the spectral norm,
+    even where no entry is negative yet, and off its init the Amax gain exceeds 1 while every spectral norm
+    stays 1."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 61, (2, 9))
+    at_init = run_diagnostics(tiny_model("shc", 4, fn_init_std=0.0), ids).report  # s I + (1 - s) J/n: no sign
+    assert at_init["bound"] == "spectral_norm" and not at_init["negative_entries"]
+    trained_like = run_diagnostics(tiny_model("shc", 4, layers=3, fn_init_std=1.0, scale_init=1.0,
+                                              res_init="uniform"), ids).report
+    assert trained_like["negative_entries"] and trained_like["bound"] == "spectral_norm"
+    assert trained_like["summary"]["comp_gain_fwd_max"] > 1.05
+    for sub in trained_like["sublayers"]:
+        assert sub["spectral_norm_max"] == pytest.approx(1, abs=1e-5)
+        assert sub["comp_spectral_norm_max"] == pytest.approx(1, abs=1e-5)
+
+
 class FixedMixer(Mixer):
     """A mixer with one fixed H_res for every token, and a stack of them called like a model."""
 
@@ -372,29 +390,36 @@ def test_offline_wandb_run_and_the_run_directory_hold_the_diagnostics(train_cli,
 
 
 @pytest.mark.slow
-def test_command_line_reproduces_the_training_report_from_a_checkpoint_and_an_export(train_cli, tmp_path):
-    from mhc_lm.diagnostics import main
+def test_command_line_reproduces_the_training_report_from_a_checkpoint_and_an_export(tiny_run, tmp_path):
+    """The shared tiny run (8 steps) wrote its final diagnostics; the command line, on its last checkpoint
+    and on its export, finds the same probe and so the same numbers. Outputs go to tmp_path: the shared
+    run stays as the other tests expect it."""
+    from mhc_lm.diagnostics import diagnose_source
 
     def run_module(*args):
         return subprocess.run([sys.executable, "-m", "mhc_lm.diagnostics", *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=600)
 
-    result = train_cli("trainer.max_steps=2", "trainer.run_name=cli")
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "cli"
-    trained = json.loads((run_dir / "diagnostics" / "step_000002" / "diagnostics.json").read_text())
-
-    from_checkpoint = main([str(run_dir / "checkpoints" / "step_000002"), "--out", str(tmp_path / "ckpt")]).report
-    assert from_checkpoint["step"] == 2 and from_checkpoint["source"]["kind"] == "checkpoint"
+    trained = json.loads((tiny_run / "diagnostics" / "step_000008" / "diagnostics.json").read_text())
+    from_checkpoint = diagnose_source(str(tiny_run / "checkpoints" / "step_000008"), tmp_path / "ckpt")[0].report
+    assert from_checkpoint["step"] == 8 and from_checkpoint["source"]["kind"] == "checkpoint"
     assert from_checkpoint["sublayers"] == trained["sublayers"]  # same weights, same probe: the same numbers
     assert json.loads((tmp_path / "ckpt" / "diagnostics.json").read_text()) == from_checkpoint
 
-    cli = run_module(str(run_dir / "export"))
+    cli = run_module(str(tiny_run / "export"), "--out", str(tmp_path / "export"))
     assert cli.returncode == 0, cli.stderr[-3000:]
-    assert "composite fwd" in cli.stdout and "wrote " in cli.stdout
-    from_export = json.loads((run_dir / "export" / "diagnostics" / "diagnostics.json").read_text())
+    assert "composite fwd" in cli.stdout and f"wrote {tmp_path / 'export'}" in cli.stdout
+    from_export = json.loads((tmp_path / "export" / "diagnostics.json").read_text())
     assert from_export["source"]["kind"] == "export" and from_export["sublayers"] == trained["sublayers"]
-    assert (run_dir / "export" / "diagnostics" / "gain_vs_depth.png").exists()
+    assert (tmp_path / "export" / "gain_vs_depth.png").exists()
 
-    bad = run_module(str(run_dir))
-    assert bad.returncode != 0 and f"PATH={str(run_dir)!r}: neither an exported model" in bad.stderr
+    alone = tmp_path / "alone"  # an export without its run: the bundled corpus, written beside the model
+    shutil.copytree(tiny_run / "export", alone)
+    assert run_module(str(alone), "--batch-size", "2").returncode == 0
+    report = json.loads((alone / "diagnostics" / "diagnostics.json").read_text())
+    assert report["probe"] == {"sequences": 2, "seq_len": 256, "tokens": 512}
+
+    bad = run_module(str(tiny_run / "checkpoints"))
+    assert bad.returncode == 2 and f"error: PATH={str(tiny_run / 'checkpoints')!r}: a directory with" in bad.stderr
+    too_long = run_module(str(alone), "--seq-len", "1000")
+    assert too_long.returncode == 2 and "error: --seq-len=1000: longer than the context" in too_long.stderr
