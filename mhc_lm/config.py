@@ -101,7 +101,7 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     tags: list[str] = field(default_factory=list)
-    diag_every: int = 100  # mixing diagnostics (mhc_lm.diagnostics) every N steps and at the end; 0: never
+    diag_every: int = 250  # mixing diagnostics (mhc_lm.diagnostics) every N steps and at the end; 0: never
     diag_batch_size: int = 4  # probe sequences: the first blocks of the validation split
     grad_norms: bool = True  # gradient norms per block and parameter group, every step
 

@@ -17,9 +17,11 @@ SPECTRAL_NOTE = ("H_res can have negative entries: abs row/column sums overstate
                  "the spectral norm is the bound that matters")
 
 
-def _figure(width: float, height: float) -> Figure:
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+def _figure(width: float, height: float, top: float, bottom: float, left: float = 0.7, right: float = 0.2) -> Figure:
+    """A figure with fixed margins in inches (a layout engine would draw every figure twice over)."""
+    figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
+    figure.subplots_adjust(top=1 - top / height, bottom=bottom / height, left=left / width, right=1 - right / width)
     return figure
 
 
@@ -48,7 +50,7 @@ def _mean_and_max(ax, report, key: str, label: str, color: str) -> None:
 
 def plot_gain_vs_depth(report: dict[str, Any], path: Path) -> Figure:
     """Amax gains (single and composite to the output) and spectral norms against depth, log scale."""
-    figure = _figure(12, 4.5)
+    figure = _figure(12, 5, top=1.0, bottom=0.9)
     amax, spectral = figure.subplots(1, 2)
     for key, label, color in (("gain_fwd", "H_res fwd", "tab:blue"), ("gain_bwd", "H_res bwd", "tab:cyan"),
                               ("comp_gain_fwd", "composite fwd", "tab:red"),
@@ -93,7 +95,7 @@ def plot_h_res_heatmaps(report: dict[str, Any], path: Path) -> Figure:
         mosaic[r * pitch: r * pitch + n, c * pitch: c * pitch + n] = sub["h_res_mean"]
     largest = float(np.nanmax(np.abs(mosaic)))
     negative = bool(np.nanmin(mosaic) < 0)
-    figure = _figure(1.3 * cols + 1.5, 1.3 * rows + 1.0)
+    figure = _figure(1.3 * cols + 1.5, 1.3 * rows + 0.8, top=0.6, bottom=0.1, left=0.1, right=0.1)
     ax = figure.subplots()
     cmap = "RdBu_r" if negative else "viridis"  # diverging, centred on 0, when the sign matters
     image = ax.imshow(mosaic, cmap=cmap, vmin=-largest if negative else 0, vmax=largest)
@@ -116,7 +118,7 @@ def plot_h_res_heatmaps(report: dict[str, Any], path: Path) -> Figure:
 
 def plot_spectra(report: dict[str, Any], path: Path) -> Figure:
     """Singular values of the token-mean H_res per sublayer, with the per-token extremes as a band."""
-    figure = _figure(8, 4.5)
+    figure = _figure(8, 5, top=0.8, bottom=0.9)
     ax = figure.subplots()
     subs = report["sublayers"]
     depth = range(len(subs))
