@@ -6,8 +6,9 @@
 
 Reads top to bottom: validate the config, prepare data, build the model, resume if a checkpoint
 exists, then the loop (lr from the step, gradient accumulation with the loss normalized per token,
-clipping, logging, periodic validation and checkpoints), a final Hugging Face export that carries its
-modeling code, and with hub.push=true its upload to the Hugging Face Hub.
+clipping, logging with gradient norms, periodic validation, mixing diagnostics and checkpoints), a final
+Hugging Face export that carries its modeling code, and with hub.push=true its upload to the Hugging
+Face Hub.
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ def quiet_library_logs() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
-def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_clip: float):
-    """One optimizer step over this process's micro-batches; returns (loss per token, grad norm, tokens).
+def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_clip: float, grad_norms=None):
+    """One optimizer step over this process's micro-batches; returns (loss per token, grad norm, tokens,
+    the `grad_norms` monitor's per-group norms before clipping, {} without one).
 
     The loss is normalized by the tokens of the whole step on all ranks. accelerate divides each
     micro-batch loss by grad_accum and DDP averages over ranks: we undo both, so the gradient is
@@ -91,7 +93,7 @@ def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_
     step_tokens = accelerator.reduce(local_tokens, reduction="sum").item()
     scale = len(batches) * world / step_tokens
     loss_sum = torch.zeros((), device=device)
-    grad_norm = torch.zeros(())
+    grad_norm, group_norms = torch.zeros(()), {}
     for batch in batches:
         with accelerator.accumulate(model):
             with accelerator.autocast():
@@ -99,11 +101,13 @@ def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_
             accelerator.backward(micro_loss * scale)
             loss_sum += micro_loss.detach()
             if accelerator.sync_gradients:
+                if grad_norms is not None:  # before clipping; an fp16 loss scale is divided out
+                    group_norms = grad_norms(accelerator.scaler.get_scale() if accelerator.scaler else 1.0)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
-    return loss, float(grad_norm), step_tokens
+    return loss, float(grad_norm), step_tokens, group_norms
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> float:
@@ -112,6 +116,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
 
     from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
     from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
+    from mhc_lm.diagnostics import GradNorms, log_diagnostics, probe_batch
     from mhc_lm.distributed import Preemption, check_rendezvous_env, engine_name, parameter_count
     from mhc_lm.export import check_bundle, export_model
     from mhc_lm.hub import check_push_access, push
@@ -183,6 +188,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     def trainer_state() -> dict:
         return {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
 
+    # Diagnostics (SPEC section 6): gradient norms every step, the mixing probe every logger.diag_every steps.
+    grad_norms = GradNorms(model) if cfg.logger.grad_norms else None
+    probe = probe_batch(data.validation, cfg.data.seq_len, cfg.logger.diag_batch_size)
+
     def checkpoint_now() -> None:
         saved = save_checkpoint(accelerator, run_dir, step, trainer_state(), loader.state_dict(), run_config,
                                 tcfg.keep_last, model_config=model_config, tokenizer=data.tokenizer)
@@ -199,21 +208,28 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         lr = lr_at(step, cfg.optim, tcfg.max_steps)
         set_lr(optimizer, lr)
         batches = [loader.next_batch().to(accelerator.device) for _ in range(grad_accum)]
-        loss, grad_norm, step_tokens = train_step(model, optimizer, batches, accelerator, cfg.optim.grad_clip)
+        loss, grad_norm, step_tokens, group_norms = train_step(model, optimizer, batches, accelerator,
+                                                               cfg.optim.grad_clip, grad_norms)
         step += 1
         tokens_seen += step_tokens
         step_time = time.perf_counter() - started
         train_time += step_time
         progress.update(1)
 
+        metrics = dict(group_norms)  # every step
         if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                       "train/tokens_per_s": step_tokens / step_time, "train/step_time_s": step_time,
-                       "train/tokens_seen": tokens_seen}
+            metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                            "train/tokens_per_s": step_tokens / step_time, "train/step_time_s": step_time,
+                            "train/tokens_seen": tokens_seen})
             if peak:
                 metrics["train/mfu"] = step_flops / step_time / (peak * accelerator.num_processes)
-            tracker.log(metrics, step)
             progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_time:,.0f}")
+        if metrics:
+            tracker.log(metrics, step)
+        diag_every = cfg.logger.diag_every
+        if diag_every and is_main and (step % diag_every == 0 or step == tcfg.max_steps):
+            # Eager (hooks and .item() in a compiled graph would recompile it), under the run's autocast.
+            log_diagnostics(accelerator.unwrap_model(model, keep_torch_compile=False), probe, step, run_dir, tracker)
         if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
             val_loss = validation_loss()
             tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, step)

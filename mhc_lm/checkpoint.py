@@ -194,6 +194,24 @@ def config_from_run_config(checkpoint: Path, vocab_size: int, eos_token_id: int 
     return build_config(ModelConfig(**saved["model"]), saved["residual"], vocab_size, eos_token_id)
 
 
+def run_hydra_config(run_dir: str | Path):
+    """The run's composed config as Hydra saved it (RUN/.hydra/config.yaml), an OmegaConf node; None if absent."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    return OmegaConf.load(path) if path.exists() else None
+
+
+def run_data_config(run_dir: str | Path):
+    """The run's `data` section as a DataConfig, from its saved Hydra config; None if absent."""
+    from omegaconf import OmegaConf
+
+    from .config import DataConfig
+
+    saved = run_hydra_config(run_dir)
+    return None if saved is None else DataConfig(**OmegaConf.to_container(saved.data, resolve=True))
+
+
 def checkpoint_tokenizer(checkpoint: Path):
     from transformers import AutoTokenizer
 
@@ -201,13 +219,9 @@ def checkpoint_tokenizer(checkpoint: Path):
     for folder in (checkpoint, run_dir / "export"):
         if (folder / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(str(folder))
-    hydra_config = run_dir / ".hydra" / "config.yaml"
-    if not hydra_config.exists():
+    data_cfg = run_data_config(run_dir)
+    if data_cfg is None:
         raise ValueError(f"{checkpoint}: no tokenizer in the checkpoint, the run's export or its .hydra/config.yaml")
-    from omegaconf import OmegaConf
-
-    from .config import DataConfig
     from .data import load_data_tokenizer
 
-    data_cfg = DataConfig(**OmegaConf.to_container(OmegaConf.load(hydra_config).data, resolve=True))
     return load_data_tokenizer(data_cfg)

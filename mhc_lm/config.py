@@ -113,6 +113,9 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
     tags: list[str] = field(default_factory=list)
+    diag_every: int = 250  # mixing diagnostics (mhc_lm.diagnostics) every N steps and at the end; 0: never
+    diag_batch_size: int = 4  # probe sequences: the first blocks of the validation split
+    grad_norms: bool = True  # gradient norms per block and parameter group, every step
 
 
 @dataclass
@@ -367,6 +370,8 @@ def validate_trainer(trainer: TrainerConfig) -> None:
 def validate_logger(logger: LoggerConfig) -> None:
     _check_choice("logger.backend", logger.backend, LOGGER_BACKENDS)
     _check_choice("logger.mode", logger.mode, WANDB_MODES)
+    _check_min("logger.diag_every", logger.diag_every, 0)
+    _check_min("logger.diag_batch_size", logger.diag_batch_size, 1)
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -1,5 +1,8 @@
 """Metrics out: a JSON-lines file in the run directory (always) and Weights & Biases (optional).
 
+Scalars go to both; pictures and histograms (`log_media`) only to W&B: the diagnostics write the same
+pictures as PNG files into the run directory themselves.
+
 W&B runs offline when no API key is configured (mode=auto), so `python train.py` works anywhere;
 the run can be uploaded later with `wandb sync`. A resumed run continues the same W&B run (its id is
 kept in the run directory). Only the main process logs.
@@ -65,6 +68,16 @@ class Tracker:
         self.metrics_file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+
+    def log_media(self, images: dict[str, Path], histograms: dict[str, Any], step: int) -> None:
+        """PNG files as W&B images and arrays of values as W&B histograms, at `step`."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        import wandb
+
+        media = {key: wandb.Image(str(path)) for key, path in images.items()}
+        media.update({key: wandb.Histogram(values) for key, values in histograms.items()})
+        self.wandb_run.log(media, step=step)
 
     def finish(self) -> None:
         if self.metrics_file is not None:
