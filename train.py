@@ -94,14 +94,24 @@ def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_
     scale = len(batches) * world / step_tokens
     loss_sum = torch.zeros((), device=device)
     grad_norm, group_norms = torch.zeros(()), {}
+    deepspeed_norms = grad_norms is not None and grad_norms.sharded == "deepspeed"
     for batch in batches:
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 micro_loss, _ = token_loss_sum(model, batch)
-            accelerator.backward(micro_loss * scale)
+            if deepspeed_norms and accelerator.sync_gradients:
+                # accelerate's backward runs DeepSpeed's step (clipping, update, zero_grad) right after
+                # its backward: do the two by hand to read the reduced gradients in between.
+                engine = accelerator.deepspeed_engine_wrapped.engine
+                engine.set_gradient_accumulation_boundary(is_boundary=True)
+                engine.backward(micro_loss * scale)
+                group_norms = grad_norms()
+                engine.step()
+            else:
+                accelerator.backward(micro_loss * scale)
             loss_sum += micro_loss.detach()
             if accelerator.sync_gradients:
-                if grad_norms is not None:  # before clipping; an fp16 loss scale is divided out
+                if grad_norms is not None and not deepspeed_norms:  # before clipping; fp16 loss scale divided out
                     group_norms = grad_norms(accelerator.scaler.get_scale() if accelerator.scaler else 1.0)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
             optimizer.step()
@@ -111,7 +121,7 @@ def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> float:
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
     from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
@@ -189,7 +199,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         return {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
 
     # Diagnostics (SPEC section 6): gradient norms every step, the mixing probe every logger.diag_every steps.
-    grad_norms = GradNorms(model) if cfg.logger.grad_norms else None
+    sharded = "deepspeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    grad_norms = GradNorms(model, sharded) if cfg.logger.grad_norms else None
     probe = probe_batch(data.validation, cfg.data.seq_len, cfg.logger.diag_batch_size)
 
     def checkpoint_now() -> None:

@@ -356,12 +356,20 @@ class GradNorms:
 
     One pass: torch._foreach_norm over all gradients, then a (groups x params) 0/1 matrix sums the
     squares, and one transfer brings the results to the host. Call after backward, before clipping;
-    `loss_scale` undoes an fp16 loss scale. Gradients must be whole on this process (DDP, one process).
+    `loss_scale` undoes an fp16 loss scale.
+
+    Where the gradients are sharded the squares are summed over this process's pieces and then over
+    the processes, one all-reduce of a vector as long as the parameter list: `sharded="deepspeed"`
+    (ZeRO 1/2: this rank's fragment of the reduced gradient; ZeRO-3: its partition), and FSDP's
+    DTensor gradients (their local shards) are recognised by type. Every rank must then call it.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, sharded: Optional[str] = None):
+        if sharded not in (None, "deepspeed"):
+            raise ValueError(f"sharded={sharded!r}: allowed: None, 'deepspeed'")
         groups = parameter_groups(model)
         named = dict(model.named_parameters())
+        self.sharded = sharded
         self.names = groups["global"]
         self.params = [named[n] for n in self.names]
         index = {n: i for i, n in enumerate(self.names)}
@@ -370,17 +378,40 @@ class GradNorms:
         for row, members in enumerate(groups.values()):
             self.membership[row, [index[n] for n in members]] = 1.0
 
+    def _local_grad(self, param: nn.Parameter) -> Optional[torch.Tensor]:
+        """This process's piece of the gradient: whole (DDP, one process), a DTensor's local shard
+        (FSDP2), or DeepSpeed's fragment (None where this rank holds none of the parameter)."""
+        if self.sharded == "deepspeed":
+            if hasattr(param, "ds_id"):  # ZeRO-3: the rank's partition of the fp32 gradient
+                from deepspeed.utils import safe_get_local_grad
+
+                return safe_get_local_grad(param)
+            mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2: the fragment this rank's optimizer owns
+            return None if mapping is None else mapping.get_lp_grad_fragment(param._index_in_param_group)
+        grad = param.grad
+        if grad is not None and hasattr(grad, "to_local"):  # DTensor (FSDP2)
+            self.sharded = self.sharded or "dtensor"
+            return grad.to_local()
+        return grad
+
     @torch.no_grad()
     def __call__(self, loss_scale: float = 1.0) -> dict[str, float]:
-        present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not present:
+        grads = [self._local_grad(p) for p in self.params]
+        present = [i for i, g in enumerate(grads) if g is not None and g.numel()]
+        if not present and self.sharded is None:
             return {}
-        norms = torch._foreach_norm([self.params[i].grad for i in present])
-        squares = torch.stack([x.float() for x in norms]).square()
+        device = grads[present[0]].device if present else self.params[0].device
+        squares = torch.zeros(len(self.params), device=device)
+        if present:
+            norms = torch._foreach_norm([grads[i] for i in present])
+            squares[present] = torch.stack([x.float().to(device) for x in norms]).square()
+        if self.sharded is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(squares)  # the pieces of each gradient are disjoint: squares add up
         if self.membership.device != squares.device:  # once: the matrix lives where the gradients are
             self.membership = self.membership.to(squares.device)
-        membership = self.membership if len(present) == len(self.params) else self.membership[:, present]
-        totals = (membership @ squares).sqrt() / loss_scale
+        totals = (self.membership @ squares).sqrt() / loss_scale
         return dict(zip(self.keys, totals.tolist()))
 
 

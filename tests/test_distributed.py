@@ -64,6 +64,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
+def group_grad_norms(run_dir: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("grad_norm/")}
+            for r in rows if "grad_norm/global" in r}
+
+
 def assert_completed(run_dir: Path, output: str, steps: int = STEPS) -> dict[int, float]:
     assert (run_dir / "checkpoints" / f"step_{steps:06d}").is_dir(), output[-4000:]
     found = losses(run_dir)
@@ -96,6 +102,12 @@ def test_engine_matches_one_process_with_the_same_global_batch(runs, engine):
     found = assert_completed(root / engine, outputs[engine])
     for step in range(1, STEPS + 1):
         assert found[step] == pytest.approx(reference[step], rel=ENGINE_RTOL), (engine, step)
+    # Gradient norms by group are taken before clipping from whole (DDP) or sharded (ZeRO) gradients.
+    norms, reference_norms = group_grad_norms(root / engine), group_grad_norms(root / "single")
+    assert sorted(norms) == list(range(1, STEPS + 1))
+    assert {"grad_norm/attention", "grad_norm/connection.fn", "grad_norm/block.0"} <= set(norms[1])
+    for step in (1, STEPS):
+        assert norms[step] == pytest.approx(reference_norms[step], rel=1e-3), (engine, step)
     name = "ddp x 2" if engine == "ddp" else f"deepspeed-{engine} x 2"
     assert name in outputs[engine]
     assert (root / engine / ".hydra" / "config.yaml").exists()  # written once, by rank 0
@@ -347,6 +359,8 @@ def test_fsdp_matches_one_process_on_gpu(tmp_path, cache_dir):
     ref, found = assert_completed(tmp_path / "single", reference), assert_completed(tmp_path / "fsdp", output)
     for step in range(1, STEPS + 1):
         assert found[step] == pytest.approx(ref[step], rel=1e-2), step  # bf16 autocast on the GPU
+    norms, ref_norms = group_grad_norms(tmp_path / "fsdp"), group_grad_norms(tmp_path / "single")
+    assert norms[1] == pytest.approx(ref_norms[1], rel=5e-2)  # the shards' squares summed over the ranks
 
 
 @pytest.mark.gpu
