@@ -94,7 +94,7 @@ def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_
     scale = len(batches) * world / step_tokens
     loss_sum = torch.zeros((), device=device)
     grad_norm, group_norms = torch.zeros(()), {}
-    deepspeed_norms = grad_norms is not None and grad_norms.sharded == "deepspeed"
+    deepspeed_norms = getattr(grad_norms, "sharded", None) == "deepspeed"  # any callable monitor will do
     for batch in batches:
         with accelerator.accumulate(model):
             with accelerator.autocast():

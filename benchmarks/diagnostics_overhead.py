@@ -59,7 +59,7 @@ class Bench:
         self.cfg, self.logger, self.work = cfg, logger, work
         if cfg.trainer.num_threads:
             torch.set_num_threads(cfg.trainer.num_threads)
-        self.accelerator = make_accelerator(cfg)
+        self.accelerator, self.grad_accum, _ = make_accelerator(cfg)
         self.data = prepare_data(cfg.data)
         vocab = cfg.model.vocab_size or \
             cfg.model.vocab_multiple * math.ceil(self.data.vocab_size / cfg.model.vocab_multiple)
@@ -91,7 +91,7 @@ class Bench:
         return Tracker(LoggerConfig(backend=self.logger, mode="offline"), run_dir, {}, enabled=True), run_dir
 
     def batches(self, loader):
-        return [loader.next_batch() for _ in range(self.cfg.trainer.grad_accum)]
+        return [loader.next_batch() for _ in range(self.grad_accum)]
 
     def run(self, steps: int, every: int, diagnostics: bool) -> dict[str, list[float]]:
         """`steps` optimizer steps as train.py's loop runs them, with or without diagnostics.
@@ -153,7 +153,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         os.environ.setdefault("WANDB_DIR", work)
         bench = Bench(cfg, args.logger, Path(work))
-        tokens = cfg.trainer.batch_size * cfg.trainer.grad_accum * cfg.data.seq_len
+        tokens = cfg.trainer.batch_size * bench.grad_accum * cfg.data.seq_len
         print(f"model={cfg.model.name} residual={cfg.residual['name']} n={cfg.residual['n']} | {tokens} tokens/step | "
               f"{args.steps} steps per run | diag_every={every} | probe {cfg.logger.diag_batch_size} x "
               f"{cfg.data.seq_len} | logger={args.logger} | torch threads {torch.get_num_threads()}")
