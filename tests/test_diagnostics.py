@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -315,6 +316,23 @@ def test_gradient_norms_by_group_match_direct_sums_over_the_modules():
         assert norms[f"grad_norm/{key}"] == pytest.approx(value, rel=1e-5), key
     total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item()
     assert norms["grad_norm/global"] == pytest.approx(total / 2, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_gradient_norms_from_fsdp2_shards_equal_those_of_the_whole_gradients(tmp_path):
+    """FSDP2 (fully_shard) on two CPU processes over gloo: each rank holds DTensor shards of the gradients;
+    the squares of the local shards summed over the ranks give the unsharded model's norms."""
+    out = tmp_path / "norms.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "tests" / "grad_norms_worker.py"), str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.exists(), done.stderr[-3000:]  # judged by what rank 0 wrote (gloo may abort at exit)
+    result = json.loads(out.read_text())
+    assert (result["grad_type"], result["mode"]) == ("DTensor", "dtensor")
+    assert set(result["sharded"]) == set(result["whole"])
+    for key, value in result["whole"].items():
+        assert result["sharded"][key] == pytest.approx(value, rel=1e-5), key
 
 
 @pytest.mark.parametrize("option,value", [("diag_every", -1), ("diag_batch_size", 0)])
