@@ -22,30 +22,20 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from train import make_accelerator, train_step  # noqa: E402  (train.py is a script at the root)
+import common  # noqa: F401  (puts the checkout on sys.path: train.py is a script at the root)
+from train import make_accelerator, train_step
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from mhc_lm.config import compose_config, validate
 
-    from mhc_lm.config import register_configs, validate
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = OmegaConf.to_object(hydra_compose(config_name="config",
-                                                overrides=["trainer.run_name=bench", *overrides]))
+    cfg = compose_config(["trainer.run_name=bench", *overrides])
     validate(cfg)
     return cfg
 

@@ -15,6 +15,7 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -185,6 +186,20 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("rank_zero_or"):
         OmegaConf.register_new_resolver(
             "rank_zero_or", lambda value, other: value if int(os.environ.get("RANK", "0")) == 0 else other)
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config tree (installed editable)
+
+
+def compose_config(overrides: list[str], config_name: str = "config"):
+    """The config object Hydra composes from `conf/` with these overrides, as train.py (`config`, a
+    TrainConfig) or eval.py (`eval`, an EvalConfig) would receive it; not validated."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return OmegaConf.to_object(compose(config_name=config_name, overrides=list(overrides)))
 
 
 # ---------------------------------------------------------------------------------------------

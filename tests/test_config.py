@@ -7,22 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from mhc_lm.config import ConfigError, TrainConfig, register_configs, validate
+from mhc_lm.config import ConfigError, TrainConfig, compose_config, validate
 from mhc_lm.checkpoint import check_compatible
 
 from conftest import ROOT
 
 CONF = ROOT / "conf"
-register_configs()
 
 
 def composed(*overrides: str) -> TrainConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=["trainer.run_name=test", *overrides])
-    return OmegaConf.to_object(cfg)
+    return compose_config(["trainer.run_name=test", *overrides])
 
 
 def group_options():

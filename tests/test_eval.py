@@ -15,16 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from conftest import ROOT, run_cli
-from mhc_lm.config import ConfigError, register_configs
+from mhc_lm.config import ConfigError
 
 TASKS = ROOT / "tests" / "lm_eval_tasks"
 SEQ_LEN, MAX_TOKENS = 32, 640  # 20 blocks: not a multiple of the batch size
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
-register_configs()
 
 
 def gpt2_byte_decoder() -> dict[str, int]:
@@ -197,11 +194,9 @@ def test_an_old_checkpoint_without_config_or_tokenizer_loads_the_same_model(tiny
 
 
 def composed_eval(*overrides: str):
-    from mhc_lm.config import EvalConfig
+    from mhc_lm.config import EvalConfig, compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="eval", overrides=["run_name=test", *overrides])
-    cfg = OmegaConf.to_object(cfg)
+    cfg = compose_config(["run_name=test", *overrides], config_name="eval")
     assert isinstance(cfg, EvalConfig)
     return cfg
 

@@ -15,15 +15,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
 def compose_data_config(spec: str, overrides: list[str]):
     """The DataConfig of a conf/data group name or a YAML file, with `data.KEY=VALUE` overrides."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ..config import ConfigError, DataConfig, TrainConfig, register_configs
+    from ..config import CONF_DIR, ConfigError, DataConfig, compose_config
 
     for override in overrides:
         if not override.lstrip("+~").startswith("data."):
@@ -38,11 +34,7 @@ def compose_data_config(spec: str, overrides: list[str]):
     if spec not in groups:
         raise ConfigError(f"DATA_CONFIG={spec!r}: no such data group or file; allowed: {', '.join(groups)}, "
                           "or a YAML file")
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        composed = compose(config_name="config", overrides=[f"data={spec}", "trainer.run_name=prepare", *overrides])
-    cfg: TrainConfig = OmegaConf.to_object(composed)
-    return cfg.data
+    return compose_config([f"data={spec}", "trainer.run_name=prepare", *overrides]).data
 
 
 def prepare(args) -> str:
