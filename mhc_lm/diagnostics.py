@@ -360,8 +360,9 @@ class GradNorms:
 
     Where the gradients are sharded the squares are summed over this process's pieces and then over
     the processes, one all-reduce of a vector as long as the parameter list: `sharded="deepspeed"`
-    (ZeRO 1/2: this rank's fragment of the reduced gradient; ZeRO-3: its partition), and FSDP's
-    DTensor gradients (their local shards) are recognised by type. Every rank must then call it.
+    (ZeRO 1/2: this rank's fragment of the reduced gradient; ZeRO-3: its partition), and FSDP2's
+    DTensor parameters (their gradients' local shards) are recognised by type. Every rank must then
+    call it.
     """
 
     def __init__(self, model: nn.Module, sharded: Optional[str] = None):
@@ -369,9 +370,11 @@ class GradNorms:
             raise ValueError(f"sharded={sharded!r}: allowed: None, 'deepspeed'")
         groups = parameter_groups(model)
         named = dict(model.named_parameters())
-        self.sharded = sharded
         self.names = groups["global"]
         self.params = [named[n] for n in self.names]
+        if sharded is None and any(hasattr(p, "to_local") for p in self.params):  # DTensor (FSDP2)
+            sharded = "dtensor"
+        self.sharded = sharded
         index = {n: i for i, n in enumerate(self.names)}
         self.keys = [f"grad_norm/{key}" for key in groups]
         self.membership = torch.zeros(len(groups), len(self.names))
@@ -389,10 +392,7 @@ class GradNorms:
             mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2: the fragment this rank's optimizer owns
             return None if mapping is None else mapping.get_lp_grad_fragment(param._index_in_param_group)
         grad = param.grad
-        if grad is not None and hasattr(grad, "to_local"):  # DTensor (FSDP2)
-            self.sharded = self.sharded or "dtensor"
-            return grad.to_local()
-        return grad
+        return grad.to_local() if grad is not None and self.sharded == "dtensor" else grad
 
     @torch.no_grad()
     def __call__(self, loss_scale: float = 1.0) -> dict[str, float]:

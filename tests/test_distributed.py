@@ -59,15 +59,17 @@ def run(engine: str | None, run_dir: Path, cache_dir: Path, *overrides: str, **k
     return output
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return {r["step"]: r["train/loss"] for r in metric_rows(run_dir) if "train/loss" in r}
 
 
 def group_grad_norms(run_dir: Path) -> dict[int, dict[str, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: {k: v for k, v in r.items() if k.startswith("grad_norm/")}
-            for r in rows if "grad_norm/global" in r}
+            for r in metric_rows(run_dir) if "grad_norm/global" in r}
 
 
 def assert_completed(run_dir: Path, output: str, steps: int = STEPS) -> dict[int, float]:
