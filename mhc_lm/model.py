@@ -27,6 +27,11 @@ from .residual.collapse import HyperHead
 
 DEFAULT_RESIDUAL = {"name": "mhc", "n": 4, "collapse": "head"}
 
+# The keyword under which `generate` hands the KV cache to `forward` and reads it back from the output:
+# `cache` in newer transformers (which deprecate `past_key_values` and warn on it), `past_key_values` before.
+# The forwards below accept both, and the output carries the cache under the installed version's name.
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class MhcConfig(PretrainedConfig):
     """Architecture of an mhc-lm GPT. `residual` holds the mixer name, n, collapse mode and the
@@ -194,7 +199,7 @@ class MhcPreTrainedModel(PreTrainedModel):
     config: MhcConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -231,15 +236,18 @@ class MhcModel(MhcPreTrainedModel):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, use_cache=None, past_key_values: Cache | None = None, **kwargs):
+        """Final hidden states (B, T, C) and the KV cache (None without one). The cache comes as `cache` or,
+        from older transformers, `past_key_values` (see CACHE_KEY)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = hidden.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past_len = cache.get_seq_length() if cache is not None else 0
         if past_len + T > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence of {past_len + T} tokens exceeds the model's context "
@@ -252,8 +260,8 @@ class MhcModel(MhcPreTrainedModel):
         mask = attention_mask_4d(attention_mask, T, past_len, hidden.device)
         streams = expand_streams(hidden, self.config.num_streams)  # (B, T, n, C)
         for block in self.layers:
-            streams = block(streams, cos, sin, mask, past_key_values)
-        return self.norm(self.hc_head(streams)), past_key_values
+            streams = block(streams, cos, sin, mask, cache)
+        return self.norm(self.hc_head(streams)), cache
 
 
 class MhcForCausalLM(MhcPreTrainedModel, GenerationMixin):
@@ -271,18 +279,23 @@ class MhcForCausalLM(MhcPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
-        """Logits (B, T, V); with `labels` (aligned with input_ids, -100 ignored) also the mean next-token loss."""
-        hidden, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values,
-                                             inputs_embeds, use_cache)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                past_key_values: Cache | None = None, **kwargs):
+        """Logits (B, T, V); with `labels` (aligned with input_ids, -100 ignored) also the mean next-token loss.
+
+        The KV cache comes as `cache` or `past_key_values`, whichever the installed transformers passes, and
+        goes back under that version's name (CACHE_KEY), so `generate` finds it.
+        """
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, use_cache,
+                                   past_key_values=past_key_values)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KEY: cache if use_cache else None})
 
 
 AutoConfig.register(MhcConfig.model_type, MhcConfig, exist_ok=True)

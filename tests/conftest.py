@@ -44,6 +44,7 @@ TINY_RUN = [
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: end-to-end runs of the CLI (seconds each)")
+    config.addinivalue_line("markers", "compat: the drift job of .ci/run runs these against the newest releases")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -152,6 +152,7 @@ def test_greedy_generation_with_the_kv_cache_matches_decoding_without_it(tiny_ru
     from accelerate import Accelerator
 
     from mhc_lm.evaluation import sample_generations
+    from mhc_lm.model import CACHE_KEY
     from mhc_lm.sources import load_source, resolve_sources
 
     model, tokenizer = load_source(resolve_sources(str(tiny_run))[0])
@@ -159,7 +160,7 @@ def test_greedy_generation_with_the_kv_cache_matches_decoding_without_it(tiny_ru
     forward = model.forward
 
     def recording_forward(*args, **kwargs):
-        calls.append((kwargs["input_ids"].shape[1], kwargs.get("past_key_values") is not None))
+        calls.append((kwargs["input_ids"].shape[1], kwargs.get(CACHE_KEY) is not None))
         return forward(*args, **kwargs)
 
     model.forward = recording_forward

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from mhc_lm.model import MhcConfig, MhcForCausalLM
+from mhc_lm.model import CACHE_KEY, MhcConfig, MhcForCausalLM
 
 RESIDUALS = {
     "residual": {"name": "residual", "n": 1, "collapse": "sum"},
@@ -66,7 +66,7 @@ def test_cached_logits_equal_uncached():
     with torch.no_grad():
         full = model(ids).logits
         first = model(ids[:, :7], use_cache=True)
-        rest = model(ids[:, 7:], past_key_values=first.past_key_values, use_cache=True)  # a chunk, not one token
+        rest = model(ids[:, 7:], use_cache=True, **{CACHE_KEY: first[CACHE_KEY]})  # a chunk, not one token
     torch.testing.assert_close(torch.cat([first.logits, rest.logits], 1), full, atol=1e-5, rtol=1e-5)
 
 
