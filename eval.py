@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import ConfigError, EvalConfig, register_configs, validate_eval
+from mhc_lm.console import quiet_libraries
 
 register_configs()
 
@@ -71,6 +72,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> list[dict]:
 
     # 1. Everything that can be checked without loading a model.
     validate_eval(cfg)
+    quiet_libraries()
     sources = [s for spec in cfg.models for s in resolve_sources(spec, cfg.checkpoints)]
     for source in sources:
         check_context(cfg.data.seq_len, source.label, local_context(source))

@@ -14,7 +14,6 @@ Face Hub.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import ConfigError, TrainConfig, register_configs, validate
+from mhc_lm.console import quiet_libraries
 from mhc_lm.distributed import strip_local_rank_flag
 
 register_configs()
@@ -69,13 +69,6 @@ def make_accelerator(cfg: TrainConfig):
     elif accelerator.distributed_type == DistributedType.FSDP:
         configure_fsdp(accelerator)
     return accelerator, grad_accum, precision
-
-
-def quiet_library_logs() -> None:
-    """Keep the console to our progress bar and results: accelerate logs every checkpoint file at INFO."""
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    # Tied embeddings: accelerate notes that lm_head.weight (shared with the embedding) is not saved twice.
-    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_clip: float, grad_norms=None):
@@ -137,7 +130,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
 
     # 1. Everything that can be checked without doing work.
     validate(cfg)
-    quiet_library_logs()
+    quiet_libraries()
     tcfg = cfg.trainer
     run_config = {"model": dataclasses.asdict(cfg.model), "residual": dict(cfg.residual)}
     checkpoint = resolve_resume(tcfg.resume, run_dir)

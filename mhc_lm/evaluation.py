@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .console import quiet_lm_eval
 from .data import eval_batches, num_blocks
 from .metrics import evaluate_loss, perplexity
 
@@ -84,14 +85,16 @@ def lm_eval_task_manager(tasks: list[str], include_path: str | None):
 def run_lm_eval(model, tokenizer, tasks: list[str], task_manager, batch_size: int, num_fewshot=None, limit=None,
                 seed: int = 0, mixed_precision_dtype=None) -> dict[str, float]:
     """Task metrics as {"task/metric": value} from lm_eval's simple_evaluate on our loaded model."""
-    import lm_eval
+    import lm_eval.evaluator  # noqa: F401  (its modules' loggers exist before quiet_lm_eval looks for them)
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
-              max_length=model.config.max_position_embeddings, mixed_precision_dtype=mixed_precision_dtype)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager, num_fewshot=num_fewshot,
-                                  limit=limit, log_samples=False, bootstrap_iters=0, random_seed=seed,
-                                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    with quiet_lm_eval():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                  max_length=model.config.max_position_embeddings, mixed_precision_dtype=mixed_precision_dtype)
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager,
+                                      num_fewshot=num_fewshot, limit=limit, log_samples=False, bootstrap_iters=0,
+                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                                      fewshot_random_seed=seed)
     metrics = {}
     for task, values in out["results"].items():
         for key, value in values.items():  # metrics are "name,filter": "acc,none", "acc_stderr,none"

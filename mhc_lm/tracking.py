@@ -55,10 +55,15 @@ class Tracker:
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
+        # No banner and no run-history table at the end (dozens of lines): we say where the run is ourselves.
+        # Online runs keep W&B's warnings; offline, W&B's three-line header is all it would say (silent).
+        settings = wandb.Settings(quiet=True, silent=mode == "offline")
         run = wandb.init(project=cfg.project, entity=cfg.entity, name=self.run_dir.name, id=run_id, resume="allow",
-                         dir=str(self.run_dir), config=config, mode=mode, tags=list(cfg.tags))
+                         dir=str(self.run_dir), config=config, mode=mode, tags=list(cfg.tags), settings=settings)
         if mode == "offline":
             print(f"W&B is logging offline; upload later with: wandb sync {Path(run.dir).parent}")
+        else:
+            print(f"W&B run: {run.url}")
         return run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
