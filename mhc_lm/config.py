@@ -20,9 +20,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A bad option value. The message reads `option=value: what is allowed`."""
+from mhc_lm.errors import ConfigError  # noqa: F401  (re-exported: modules still import it from here)
 
 
 @dataclass
