@@ -27,6 +27,8 @@ def quiet_libraries() -> None:
     # saved twice.
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    # matplotlib announces at INFO that it built its font cache, the first time a user plots.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # DeepSpeed, imported by accelerate and transformers when installed, warns on every CPU-only run that it
     # fell back to the CPU (in the middle of the progress bar). Naming the CPU is the same choice, silently.
     if not torch.cuda.is_available():

@@ -26,6 +26,7 @@ def group_options():
             yield group.name, yaml_file.stem
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("group,option", list(group_options()))
 def test_every_yaml_composes_and_validates(group, option, tmp_path):
     text_file = tmp_path / "a.txt"
@@ -55,6 +56,7 @@ def test_default_run_is_small_mhc_with_four_streams_on_the_bundled_corpus():
     assert (cfg.model.name, cfg.residual["name"], cfg.residual["n"], cfg.data.source) == ("small", "mhc", 4, "bundled")
 
 
+@pytest.mark.compat
 def test_a_typo_in_an_override_is_an_error():
     with pytest.raises(Exception, match="d_modl"):
         composed("model.d_modl=64")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, run_cli
 from mhc_lm.config import ConfigError
+from mhc_lm.console import LM_EVAL_EXPECTED
 
 TASKS = ROOT / "tests" / "lm_eval_tasks"
 SEQ_LEN, MAX_TOKENS = 32, 640  # 20 blocks: not a multiple of the batch size
@@ -137,6 +138,14 @@ def test_one_table_one_plot_and_samples_for_all_models(eval_run):
     assert len(samples) == 2 * len(rows) and all(0 < s["new_tokens"] <= 8 and s["tokens_per_s"] > 0 for s in samples)
     assert all(float(r["gen_tokens_per_s"]) > 0 for r in rows)
     assert "results: " in result.stdout and "| tiny/export | export | 8 | 1,024 |" in result.stdout
+
+
+def test_the_console_shows_results_not_library_noise(eval_run):
+    _, result = eval_run
+    everything = result.stdout + result.stderr
+    for noise in (*LM_EVAL_EXPECTED, "Setting accelerator to CPU", "deprecated", "fontManager"):
+        assert noise not in everything
+    assert not [line for line in everything.splitlines() if re.search(r"\bINFO\b.*\blm_eval\b|\[lm_eval", line)]
 
 
 def test_training_curve_tokens_come_from_the_logged_tokens(tiny_run):

@@ -67,6 +67,7 @@ def isolated_python(script: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.compat
 def test_export_loads_with_trust_remote_code_without_mhc_lm(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM
 

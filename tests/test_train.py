@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,20 @@ def test_twenty_steps_lower_the_loss_and_report(train_cli, tmp_path):
     assert (run_dir / "export" / "model.safetensors").exists()
 
 
+def test_the_console_shows_our_lines_not_library_noise(train_cli, tmp_path):
+    """A fresh cache (the tokenizer is trained) and a fresh matplotlib: stdout holds only our own lines."""
+    result = train_cli("trainer.max_steps=2", "trainer.eval_every=2", "trainer.run_name=quiet",
+                       f"data.cache_dir={tmp_path / 'fresh-cache'}", env={"MPLCONFIGDIR": str(tmp_path / "mpl")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) >= 3 and all(line.strip() for line in lines), lines  # no blank lines from the BPE trainer
+    library_logs = [line for line in lines if re.match(r"\[[^]]*\]\[(?!__main__|mhc_lm)[^]]*\]\[", line)]
+    assert not library_logs
+    everything = result.stdout + result.stderr
+    for noise in ("Setting accelerator to CPU", "deprecated", "fontManager"):
+        assert noise not in everything
+
+
 def test_plain_residual_baseline_runs(train_cli, tmp_path):
     result = train_cli("residual=residual", "trainer.max_steps=3", "trainer.run_name=baseline")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -50,6 +65,7 @@ def test_plain_residual_baseline_runs(train_cli, tmp_path):
     assert config["residual"]["name"] == "residual" and config["residual"]["n"] == 1
 
 
+@pytest.mark.compat
 def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
     common = ["trainer.max_steps=16", "trainer.ckpt_every=4", "trainer.eval_every=8"]
     straight = train_cli(*common, "trainer.run_name=straight")

@@ -7,6 +7,7 @@ the end-of-text token. The same documents therefore give the same tokens whether
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Iterable
 
 import numpy as np
@@ -29,7 +30,7 @@ def train_bpe(texts, vocab_size: int):
         vocab_size=vocab_size,
         special_tokens=[EOT],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=True,
+        show_progress=sys.stdout.isatty(),  # its bar draws on a terminal; elsewhere it prints only blank lines
     )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, pad_token=EOT)
