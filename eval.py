@@ -26,8 +26,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mhc_lm.config import ConfigError, EvalConfig, register_configs, validate_eval
+from mhc_lm.config import EvalConfig, register_configs, validate_eval
 from mhc_lm.console import quiet_libraries
+from mhc_lm.errors import ConfigError
 
 register_configs()
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_cli
-from mhc_lm.config import ConfigError
+from mhc_lm.errors import ConfigError
 
 TASKS = ROOT / "tests" / "lm_eval_tasks"
 SEQ_LEN, MAX_TOKENS = 32, 640  # 20 blocks: not a multiple of the batch size
