@@ -433,7 +433,7 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
     from .data import DataConfig
     from .errors import ConfigError
     from .data import prepare_data
-    from .sources import load_source, resolve_sources
+    from .model_sources import load_source, resolve_sources
 
     for option, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
         if value is not None and value < 1:

@@ -31,7 +31,7 @@ from .config import check_repo_id, check_revision
 from .data import SOURCES
 from .errors import ConfigError
 from .export import has_bundled_code, save_export
-from .sources import ModelSource, resolve_sources
+from .model_sources import ModelSource, resolve_sources
 
 WRITE_ROLES = ("admin", "write", "contributor")  # roles in an organization that may create and push repos
 
