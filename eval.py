@@ -26,8 +26,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mhc_lm.config import ConfigError, EvalConfig, register_configs, validate_eval
+from mhc_lm.config import EvalConfig, register_configs, validate_eval
 from mhc_lm.console import quiet_libraries
+from mhc_lm.errors import ConfigError
 
 register_configs()
 
@@ -68,7 +69,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> list[dict]:
     from mhc_lm.data import prepare_data
     from mhc_lm.evaluation import (markdown_table, plot_loss_vs_tokens, run_lm_eval, sample_generations, split_loss,
                                    write_table)
-    from mhc_lm.sources import load_source, local_context, resolve_sources
+    from mhc_lm.model_sources import load_source, local_context, resolve_sources
 
     # 1. Everything that can be checked without loading a model.
     validate_eval(cfg)

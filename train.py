@@ -25,9 +25,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mhc_lm.config import ConfigError, TrainConfig, register_configs, validate
+from mhc_lm.config import TrainConfig, register_configs, validate
 from mhc_lm.console import quiet_libraries
 from mhc_lm.distributed import strip_local_rank_flag
+from mhc_lm.errors import ConfigError
 
 register_configs()
 

@@ -22,7 +22,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError
+from omegaconf import OmegaConf
+from transformers import AutoTokenizer
+
+from .config import ModelConfig
+from .data import DataConfig, load_data_tokenizer
+from .errors import ConfigError
+from .model import MhcConfig, MhcForCausalLM, build_config
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -138,8 +144,6 @@ def load_model_from_checkpoint(checkpoint: str | Path):
     fall back on `run_config.json` plus the embedding's shape. The tokenizer comes from the checkpoint,
     else from the run's export, else from the run's Hydra config (the cached BPE).
     """
-    from .model import MhcConfig, MhcForCausalLM
-
     checkpoint = Path(checkpoint)
     state = {strip_wrapper_prefix(k): v for k, v in checkpoint_weights(checkpoint).items()}
     tokenizer = checkpoint_tokenizer(checkpoint)
@@ -187,34 +191,23 @@ def strip_wrapper_prefix(key: str) -> str:
 
 
 def config_from_run_config(checkpoint: Path, vocab_size: int, eos_token_id: int | None):
-    from .config import ModelConfig
-    from .model import build_config
-
     saved = json.loads((checkpoint / "run_config.json").read_text())
     return build_config(ModelConfig(**saved["model"]), saved["residual"], vocab_size, eos_token_id)
 
 
 def run_hydra_config(run_dir: str | Path):
     """The run's composed config as Hydra saved it (RUN/.hydra/config.yaml), an OmegaConf node; None if absent."""
-    from omegaconf import OmegaConf
-
     path = Path(run_dir) / ".hydra" / "config.yaml"
     return OmegaConf.load(path) if path.exists() else None
 
 
 def run_data_config(run_dir: str | Path):
     """The run's `data` section as a DataConfig, from its saved Hydra config; None if absent."""
-    from omegaconf import OmegaConf
-
-    from .config import DataConfig
-
     saved = run_hydra_config(run_dir)
     return None if saved is None else DataConfig(**OmegaConf.to_container(saved.data, resolve=True))
 
 
 def checkpoint_tokenizer(checkpoint: Path):
-    from transformers import AutoTokenizer
-
     run_dir = checkpoint.parent.parent
     for folder in (checkpoint, run_dir / "export"):
         if (folder / "tokenizer_config.json").exists():
@@ -222,6 +215,4 @@ def checkpoint_tokenizer(checkpoint: Path):
     data_cfg = run_data_config(run_dir)
     if data_cfg is None:
         raise ValueError(f"{checkpoint}: no tokenizer in the checkpoint, the run's export or its .hydra/config.yaml")
-    from .data import load_data_tokenizer
-
     return load_data_tokenizer(data_cfg)

@@ -11,16 +11,19 @@ names the option, the value and what is allowed.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
-from mhc_lm.errors import ConfigError  # noqa: F401  (re-exported: modules still import it from here)
+from .data import DataConfig, source_of, validate_data
+from .errors import ConfigError, check_choice, check_min, fail
+from .residual import validate_residual as check_residual
 
 
 @dataclass
@@ -38,35 +41,6 @@ class ModelConfig:
     init_std: float = 0.02
     vocab_size: Optional[int] = None  # None: the tokenizer's size, rounded up to vocab_multiple
     vocab_multiple: int = 64
-
-
-@dataclass
-class DataConfig:
-    source: str = "bundled"  # bundled | local | hub | shards
-    corpus: str = "shakespeare"  # bundled corpus
-    files: list[str] = field(default_factory=list)  # local: files, directories or glob patterns
-    val_files: list[str] = field(default_factory=list)  # local: explicit validation files
-    format: Optional[str] = None  # txt | jsonl | parquet; None: from the file extension
-    text_field: str = "text"  # local (jsonl/parquet), hub: the column holding the text
-    val_fraction: float = 0.05  # bundled, local: held-out documents when there are no val_files
-    split_seed: int = 0
-    path: Optional[str] = None  # hub: a dataset on the Hub, a local directory, or a loader (json, parquet, text)
-    name: Optional[str] = None  # hub: the dataset's configuration (e.g. sample-10BT)
-    split: str = "train"  # hub: the training split
-    val_split: Optional[str] = None  # hub: None: `validation` if the dataset has it, else reserve val_docs
-    val_docs: int = 256  # hub: validation documents (the first of val_split, or reserved from the stream)
-    data_files: list[str] = field(default_factory=list)  # hub: passed to load_dataset (e.g. with path=json)
-    revision: Optional[str] = None  # hub: a branch, tag or commit of the dataset
-    sample_docs: int = 10000  # hub: first training documents, to train the BPE and fit the unigram reference
-    dir: Optional[str] = None  # shards: a directory written by python -m mhc_lm.data prepare
-    shuffle: bool = True  # shuffle blocks each epoch (hub: shard order and a block buffer)
-    shuffle_buffer: int = 256  # hub: blocks in the shuffle buffer (saved with every checkpoint)
-    prefetch: int = 4  # hub: batches prepared ahead by a background thread (0: in the training loop)
-    tokenizer: str = "bpe"  # "bpe": train a byte-level BPE on the train split; else a HF name or path
-    vocab_size: int = 4096  # for tokenizer=bpe
-    seq_len: int = 256
-    cache_dir: Optional[str] = None  # None: $MHC_LM_CACHE or ~/.cache/mhc_lm
-    num_proc: int = 1
 
 
 @dataclass
@@ -176,9 +150,6 @@ class EvalConfig:
 def register_configs() -> None:
     """The root schema for Hydra, and the `rank_zero_or` resolver: `${rank_zero_or:a,b}` is `a` on
     rank 0 and `b` elsewhere (only rank 0 writes .hydra/ and the log file)."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
     if not OmegaConf.has_resolver("rank_zero_or"):
@@ -192,9 +163,6 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config
 def compose_config(overrides: list[str], config_name: str = "config"):
     """The config object Hydra composes from `conf/` with these overrides, as train.py (`config`, a
     TrainConfig) or eval.py (`eval`, an EvalConfig) would receive it; not validated."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return OmegaConf.to_object(compose(config_name=config_name, overrides=list(overrides)))
@@ -204,144 +172,23 @@ def compose_config(overrides: list[str], config_name: str = "config"):
 # Validation
 
 
-def _fail(option: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{option}={value!r}: {allowed}")
-
-
-def _check_choice(option: str, value: Any, choices) -> None:
-    if value not in choices:
-        _fail(option, value, f"allowed: {', '.join(map(str, choices))}")
-
-
-def _check_min(option: str, value: Any, minimum: int | float) -> None:
-    if value is None or value < minimum:
-        _fail(option, value, f"allowed: a number >= {minimum}")
-
-
 def validate_model(model: ModelConfig) -> None:
     for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
-        _check_min(f"model.{key}", getattr(model, key), 1)
+        check_min(f"model.{key}", getattr(model, key), 1)
     if model.d_model % model.n_heads:
         divisors = [h for h in range(1, min(model.d_model, 64) + 1) if model.d_model % h == 0]
-        _fail("model.n_heads", model.n_heads,
+        fail("model.n_heads", model.n_heads,
               f"model.d_model={model.d_model} must be divisible by it; allowed: {', '.join(map(str, divisors))}")
     if (model.d_model // model.n_heads) % 2:
-        _fail("model.n_heads", model.n_heads,
+        fail("model.n_heads", model.n_heads,
               f"the head dimension d_model / n_heads = {model.d_model // model.n_heads} must be even for RoPE")
     if model.n_kv_heads is not None and (model.n_kv_heads < 1 or model.n_heads % model.n_kv_heads):
-        _fail("model.n_kv_heads", model.n_kv_heads, f"allowed: a divisor of model.n_heads={model.n_heads}, or null")
+        fail("model.n_kv_heads", model.n_kv_heads, f"allowed: a divisor of model.n_heads={model.n_heads}, or null")
     if model.ffn_hidden is not None:
-        _check_min("model.ffn_hidden", model.ffn_hidden, 1)
+        check_min("model.ffn_hidden", model.ffn_hidden, 1)
     if model.vocab_size is not None:
-        _check_min("model.vocab_size", model.vocab_size, 2)
-    _check_min("model.vocab_multiple", model.vocab_multiple, 1)
-
-
-def validate_residual(residual: dict[str, Any]) -> None:
-    from .kernels import check_kernel_usable
-    from .residual import COLLAPSE_MODES, MIXERS, make_mixer, mixer_options
-
-    name = residual.get("name")
-    _check_choice("residual.name", name, sorted(MIXERS))
-    n = residual.get("n")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        _fail("residual.n", n, "the number of streams must be an integer >= 1")
-    _check_choice("residual.collapse", residual.get("collapse", "head"), COLLAPSE_MODES)
-    try:  # the variant's own checks, on a throwaway mixer of width 1
-        make_mixer(name, 1, n, 0, **mixer_options(residual))
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    check_kernel_usable(residual.get("kernel", "auto"), n)  # a forced triton needs triton and a GPU (or the interpreter)
-
-
-def expand_files(patterns: list[str]) -> list[str]:
-    """Files named by paths, directories (every file below) or glob patterns, sorted and deduplicated."""
-    found: list[str] = []
-    for pattern in patterns:
-        pattern = os.path.expanduser(pattern)
-        if os.path.isdir(pattern):
-            found += [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isfile(p)]
-        else:
-            found += [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-    return sorted(set(found))
-
-
-DATA_SOURCES = ("bundled", "local", "hub", "shards")
-FILE_FORMATS = ("txt", "jsonl", "parquet")
-BUNDLED_CORPORA = ("shakespeare",)
-LOADERS_NEEDING_FILES = ("json", "parquet", "text", "csv", "arrow")  # datasets' packaged loaders
-
-
-def validate_data(data: DataConfig, model: ModelConfig) -> None:
-    _check_choice("data.source", data.source, DATA_SOURCES)
-    _check_min("data.seq_len", data.seq_len, 1)
-    if data.seq_len > model.max_seq_len:
-        _fail("data.seq_len", data.seq_len,
-              f"longer than the model's context model.max_seq_len={model.max_seq_len}; allowed: <= {model.max_seq_len}")
-    if not 0 < data.val_fraction < 1:
-        _fail("data.val_fraction", data.val_fraction, "allowed: a fraction strictly between 0 and 1")
-    if data.tokenizer == "bpe":
-        _check_min("data.vocab_size", data.vocab_size, 257)  # 256 bytes + the end-of-text token
-    _check_min("data.num_proc", data.num_proc, 1)
-    if data.source == "bundled":
-        _check_choice("data.corpus", data.corpus, BUNDLED_CORPORA)
-    elif data.source == "local":
-        _validate_local(data)
-    elif data.source == "hub":
-        _validate_hub(data)
-    else:
-        _validate_shards(data)
-
-
-def _validate_local(data: DataConfig) -> None:
-    if data.format is not None:
-        _check_choice("data.format", data.format, FILE_FORMATS)
-    for option in ("files", "val_files"):
-        patterns = list(getattr(data, option))
-        if option == "files" and not patterns:
-            _fail("data.files", patterns, "data=local needs at least one file, directory or glob pattern")
-        for pattern in patterns:
-            if not expand_files([pattern]):
-                _fail(f"data.{option}", pattern, "no such file: allowed: existing files, directories or glob patterns")
-        for path in expand_files(patterns):
-            fmt = data.format or file_format(path)
-            if fmt not in FILE_FORMATS:
-                _fail(f"data.{option}", path, f"unknown file type; allowed: .txt, .jsonl, .json, .parquet "
-                                              f"(or set data.format to one of {', '.join(FILE_FORMATS)})")
-
-
-def _validate_hub(data: DataConfig) -> None:
-    if not data.path:
-        _fail("data.path", data.path, "data=hub needs a dataset; allowed: a Hub name (HuggingFaceFW/fineweb-edu), "
-                                      "a local directory, or a loader (json, parquet, text) with data.data_files")
-    if data.path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(data.path)):
-        _fail("data.path", data.path, "no such directory; allowed: a Hub dataset name, an existing local directory, "
-                                      f"or a loader ({', '.join(LOADERS_NEEDING_FILES)}) with data.data_files")
-    if data.path in LOADERS_NEEDING_FILES and not data.data_files:
-        _fail("data.data_files", list(data.data_files), f"data.path={data.path} reads the files named here; "
-                                                        "allowed: files or glob patterns")
-    for pattern in data.data_files:
-        if "://" not in pattern and not expand_files([pattern]):
-            _fail("data.data_files", pattern, "no such file: allowed: existing files or glob patterns, or URLs")
-    for key in ("val_docs", "sample_docs"):
-        _check_min(f"data.{key}", getattr(data, key), 1)
-    _check_min("data.shuffle_buffer", data.shuffle_buffer, 0)
-    _check_min("data.prefetch", data.prefetch, 0)
-
-
-def _validate_shards(data: DataConfig) -> None:
-    from .data.shards import read_manifest
-
-    if not data.dir:
-        _fail("data.dir", data.dir, "data=shards needs the directory written by "
-                                    "python -m mhc_lm.data prepare DATA_CONFIG --out DIR; allowed: that DIR")
-    read_manifest(data.dir)
-
-
-def file_format(path: str) -> Optional[str]:
-    ext = os.path.splitext(path)[1].lower()
-    return {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".json": "jsonl",
-            ".parquet": "parquet"}.get(ext)
+        check_min("model.vocab_size", model.vocab_size, 2)
+    check_min("model.vocab_multiple", model.vocab_multiple, 1)
 
 
 OPTIMIZERS = ("adamw",)
@@ -352,39 +199,39 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def validate_optim(optim: OptimConfig) -> None:
-    _check_choice("optim.name", optim.name, OPTIMIZERS)
-    _check_choice("optim.schedule", optim.schedule, SCHEDULES)
+    check_choice("optim.name", optim.name, OPTIMIZERS)
+    check_choice("optim.schedule", optim.schedule, SCHEDULES)
     if not optim.lr > 0:
-        _fail("optim.lr", optim.lr, "allowed: a number > 0")
+        fail("optim.lr", optim.lr, "allowed: a number > 0")
     if not 0 <= optim.min_lr_ratio <= 1:
-        _fail("optim.min_lr_ratio", optim.min_lr_ratio, "allowed: a number in [0, 1]")
+        fail("optim.min_lr_ratio", optim.min_lr_ratio, "allowed: a number in [0, 1]")
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
-        _fail("optim.betas", list(optim.betas), "allowed: two numbers in [0, 1)")
-    _check_min("optim.warmup_steps", optim.warmup_steps, 0)
-    _check_min("optim.weight_decay", optim.weight_decay, 0)
-    _check_min("optim.grad_clip", optim.grad_clip, 0)
+        fail("optim.betas", list(optim.betas), "allowed: two numbers in [0, 1)")
+    check_min("optim.warmup_steps", optim.warmup_steps, 0)
+    check_min("optim.weight_decay", optim.weight_decay, 0)
+    check_min("optim.grad_clip", optim.grad_clip, 0)
     if not 0 < optim.decay_fraction <= 1:
-        _fail("optim.decay_fraction", optim.decay_fraction, "allowed: a fraction in (0, 1]")
+        fail("optim.decay_fraction", optim.decay_fraction, "allowed: a fraction in (0, 1]")
 
 
 def validate_trainer(trainer: TrainerConfig) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "keep_last"):
-        _check_min(f"trainer.{key}", getattr(trainer, key), 1)
-    _check_min("trainer.ckpt_every", trainer.ckpt_every, 0)
-    _check_choice("trainer.precision", trainer.precision, PRECISIONS)
+        check_min(f"trainer.{key}", getattr(trainer, key), 1)
+    check_min("trainer.ckpt_every", trainer.ckpt_every, 0)
+    check_choice("trainer.precision", trainer.precision, PRECISIONS)
     for key in ("num_threads", "stop_at_step", "global_batch_size"):
         if getattr(trainer, key) is not None:
-            _check_min(f"trainer.{key}", getattr(trainer, key), 1)
+            check_min(f"trainer.{key}", getattr(trainer, key), 1)
     resume = trainer.resume
     if resume not in (None, "auto", "none") and not os.path.exists(resume):
-        _fail("trainer.resume", resume, "no such path; allowed: auto, none, or a checkpoint or run directory")
+        fail("trainer.resume", resume, "no such path; allowed: auto, none, or a checkpoint or run directory")
 
 
 def validate_logger(logger: LoggerConfig) -> None:
-    _check_choice("logger.backend", logger.backend, LOGGER_BACKENDS)
-    _check_choice("logger.mode", logger.mode, WANDB_MODES)
-    _check_min("logger.diag_every", logger.diag_every, 0)
-    _check_min("logger.diag_batch_size", logger.diag_batch_size, 1)
+    check_choice("logger.backend", logger.backend, LOGGER_BACKENDS)
+    check_choice("logger.mode", logger.mode, WANDB_MODES)
+    check_min("logger.diag_every", logger.diag_every, 0)
+    check_min("logger.diag_batch_size", logger.diag_batch_size, 1)
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -393,12 +240,12 @@ BRANCH = re.compile(r"^(?!.*\.\.)(?!/)(?!.*/$)[\w./-]+$")
 
 def check_repo_id(option: str, repo: Optional[str]) -> None:
     if repo is None or not REPO_ID.match(repo) or len(repo) > 96:
-        _fail(option, repo, "allowed: a Hub repository id USER/NAME or ORG/NAME (letters, digits, '-', '_', '.')")
+        fail(option, repo, "allowed: a Hub repository id USER/NAME or ORG/NAME (letters, digits, '-', '_', '.')")
 
 
 def check_revision(option: str, revision: Optional[str]) -> None:
     if revision is not None and not BRANCH.match(revision):
-        _fail(option, revision, "allowed: a branch name such as step-1000 (letters, digits, '-', '_', '.', '/')")
+        fail(option, revision, "allowed: a branch name such as step-1000 (letters, digits, '-', '_', '.', '/')")
 
 
 def validate_hub(hub: HubConfig) -> None:
@@ -407,11 +254,19 @@ def validate_hub(hub: HubConfig) -> None:
     check_revision("hub.revision", hub.revision)
 
 
+def validate_residual(residual: dict[str, Any]) -> None:
+    """The residual package's check (it raises ValueError, being part of every export) as a ConfigError."""
+    try:
+        check_residual(residual)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def validate(cfg: TrainConfig) -> None:
     """Check every option of a run; raise ConfigError on the first bad one."""
     validate_model(cfg.model)
     validate_residual(cfg.residual)
-    validate_data(cfg.data, cfg.model)
+    validate_data(cfg.data, cfg.model.max_seq_len)
     validate_optim(cfg.optim)
     validate_trainer(cfg.trainer)
     validate_logger(cfg.logger)
@@ -425,29 +280,29 @@ EVAL_SPLITS = ("validation", "train")
 def validate_eval(cfg: EvalConfig) -> None:
     """Check the options of eval.py that need no model (each model's context is checked when it loads)."""
     if not cfg.models:
-        _fail("models", list(cfg.models), "allowed: one or more checkpoints, run directories, exports or Hub ids")
-    _check_choice("checkpoints", cfg.checkpoints, CHECKPOINT_CHOICES)
-    _check_choice("split", cfg.split, EVAL_SPLITS)
-    validate_data(cfg.data, ModelConfig(max_seq_len=cfg.data.seq_len))  # the models' contexts come later
-    if cfg.data.source == "hub" and cfg.split == "train":
-        _fail("split", cfg.split, "data=hub streams its training split, there is no fixed train set to "
-                                  "evaluate; allowed: validation")
-    _check_min("max_tokens", cfg.max_tokens, cfg.data.seq_len)
-    _check_min("batch_size", cfg.batch_size, 1)
-    _check_choice("precision", cfg.precision, PRECISIONS)
+        fail("models", list(cfg.models), "allowed: one or more checkpoints, run directories, exports or Hub ids")
+    check_choice("checkpoints", cfg.checkpoints, CHECKPOINT_CHOICES)
+    check_choice("split", cfg.split, EVAL_SPLITS)
+    validate_data(cfg.data, cfg.data.seq_len)  # the models' contexts come later
+    if source_of(cfg.data.source).streamed and cfg.split == "train":
+        fail("split", cfg.split, f"data={cfg.data.source} streams its training split, there is no fixed train set "
+                                 "to evaluate; allowed: validation")
+    check_min("max_tokens", cfg.max_tokens, cfg.data.seq_len)
+    check_min("batch_size", cfg.batch_size, 1)
+    check_choice("precision", cfg.precision, PRECISIONS)
     if cfg.num_threads is not None:
-        _check_min("num_threads", cfg.num_threads, 1)
+        check_min("num_threads", cfg.num_threads, 1)
     lm = cfg.lm_eval
-    _check_min("lm_eval.batch_size", lm.batch_size, 1)
+    check_min("lm_eval.batch_size", lm.batch_size, 1)
     if lm.num_fewshot is not None:
-        _check_min("lm_eval.num_fewshot", lm.num_fewshot, 0)
+        check_min("lm_eval.num_fewshot", lm.num_fewshot, 0)
     if lm.limit is not None and not lm.limit > 0:
-        _fail("lm_eval.limit", lm.limit, "allowed: a number of documents >= 1, a fraction in (0, 1), or null")
+        fail("lm_eval.limit", lm.limit, "allowed: a number of documents >= 1, a fraction in (0, 1), or null")
     if lm.include_path is not None and not os.path.isdir(lm.include_path):
-        _fail("lm_eval.include_path", lm.include_path, "no such directory; allowed: a directory of task YAMLs, or null")
+        fail("lm_eval.include_path", lm.include_path, "no such directory; allowed: a directory of task YAMLs, or null")
     gen = cfg.generate
-    _check_min("generate.max_new_tokens", gen.max_new_tokens, 1)
-    _check_min("generate.temperature", gen.temperature, 0)
+    check_min("generate.max_new_tokens", gen.max_new_tokens, 1)
+    check_min("generate.temperature", gen.temperature, 0)
     if gen.top_k is not None:
-        _check_min("generate.top_k", gen.top_k, 1)
+        check_min("generate.top_k", gen.top_k, 1)
 

@@ -430,9 +430,10 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
     corpus, 256 tokens (at most the model's context) and 4 sequences.
     """
     from .checkpoint import run_data_config, run_hydra_config
-    from .config import ConfigError, DataConfig
+    from .data import DataConfig
+    from .errors import ConfigError
     from .data import prepare_data
-    from .sources import load_source, resolve_sources
+    from .model_sources import load_source, resolve_sources
 
     for option, value in (("--batch-size", batch_size), ("--seq-len", seq_len)):
         if value is not None and value < 1:
@@ -461,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import argparse
     import sys
 
-    from .config import ConfigError
+    from .errors import ConfigError
     from .plots import DRAWERS
 
     parser = argparse.ArgumentParser(prog="python -m mhc_lm.diagnostics", description=__doc__.split("\n\n")[0])

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")

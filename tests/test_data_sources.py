@@ -18,7 +18,7 @@ import torch
 
 from conftest import ROOT
 from data_worker import AFTER, SKIP, SOURCES, data_config, write_corpus
-from mhc_lm.config import ConfigError
+from mhc_lm.errors import ConfigError
 from mhc_lm.data import (BlockLoader, ShardedTokens, StreamLoader, documents_for_prepare, encode_texts,
                          make_train_loader, prepare_data, state_for_rank, write_shards)
 from mhc_lm.data import tokenizer as tokenizer_mod

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from conftest import ROOT
-from mhc_lm.config import ConfigError, LoggerConfig, validate_logger
+from mhc_lm.config import LoggerConfig, validate_logger
+from mhc_lm.errors import ConfigError
 from mhc_lm.diagnostics import (GradNorms, amax_gains, composite_stats, composites, effective_rank, h_res_stats,
                                 logit_stats, probe_mixers, projects_with_sinkhorn, run_diagnostics, stream_stats)
 from mhc_lm.model import MhcConfig, MhcForCausalLM

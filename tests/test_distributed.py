@@ -169,7 +169,7 @@ def test_connection_parameters_stay_fp32_under_bf16(tmp_path, cache_dir):
     assert connection and all(dtypes[k] == "F32" for k in connection), dtypes
     # The ZeRO checkpoint loads as a model (eval.py, the Hub) with the export's weights.
     from mhc_lm.checkpoint import load_model_from_checkpoint
-    from mhc_lm.sources import export_source, load_source
+    from mhc_lm.model_sources import export_source, load_source
 
     from_checkpoint, _ = load_model_from_checkpoint(run_dir / "checkpoints" / "step_000002")
     exported, _ = load_source(export_source(run_dir / "export"))

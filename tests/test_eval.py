@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, run_cli
-from mhc_lm.config import ConfigError
 from mhc_lm.console import LM_EVAL_EXPECTED
+from mhc_lm.errors import ConfigError
 
 TASKS = ROOT / "tests" / "lm_eval_tasks"
 SEQ_LEN, MAX_TOKENS = 32, 640  # 20 blocks: not a multiple of the batch size
@@ -162,7 +162,7 @@ def test_greedy_generation_with_the_kv_cache_matches_decoding_without_it(tiny_ru
 
     from mhc_lm.evaluation import sample_generations
     from mhc_lm.model import CACHE_KEY
-    from mhc_lm.sources import load_source, resolve_sources
+    from mhc_lm.model_sources import load_source, resolve_sources
 
     model, tokenizer = load_source(resolve_sources(str(tiny_run))[0])
     calls = []
@@ -246,7 +246,7 @@ def eval_script_with_no_model_loading(monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("mhc_lm.sources.load_source", no_loading)
+    monkeypatch.setattr("mhc_lm.model_sources.load_source", no_loading)
     spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -12,12 +12,15 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
+import yaml
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import hf_raise_for_status
 
 from conftest import run_cli
-from mhc_lm.config import ConfigError
+from mhc_lm.data import SOURCES
+from mhc_lm.errors import ConfigError
+from mhc_lm.hub import data_section
 from mhc_lm.hub import main as hub_main
 from mhc_lm.hub import push
 
@@ -200,3 +203,25 @@ def test_training_with_hub_push_and_no_token_stops_before_any_work(train_cli, tm
     assert "Tokenizing" not in result.stderr and not (tmp_path / "runs" / "nohub" / "checkpoints").exists()
     bad = train_cli("hub.push=true", "trainer.run_name=nohub", env=env)
     assert bad.returncode == 2 and "error: hub.repo=None: allowed: a Hub repository id" in bad.stderr
+
+
+# One saved `data` section that names a value for every source's options; each card must name its own.
+CARD_DATA = {"corpus": "shakespeare", "files": ["corpus/*.txt"], "val_files": [], "path": "HuggingFaceFW/fineweb-edu",
+             "name": "sample-10BT", "split": "train", "val_split": None, "val_docs": 256, "dir": "/data/shards",
+             "seq_len": 256, "tokenizer": "bpe", "vocab_size": 4096}
+CARD_TEXT = {"bundled": "the bundled corpus `shakespeare`", "local": "local files ['corpus/*.txt']",
+             "hub": "the dataset `HuggingFaceFW/fineweb-edu` (sample-10BT), split `train`, streamed",
+             "shards": "pre-tokenized shards in `/data/shards`"}
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_the_model_card_names_the_data_of_every_source(name):
+    assert set(CARD_TEXT) == set(SOURCES)  # a new source needs its expected sentence here
+    (line,) = data_section(yaml.safe_dump({"data": {"source": name, **CARD_DATA}}))
+    assert line.startswith(f"Trained on {CARD_TEXT[name]}") and "blocks of 256 tokens" in line
+    assert not any(text in line for other, text in CARD_TEXT.items() if other != name)
+
+
+def test_the_model_card_without_a_recorded_data_section():
+    assert data_section("") == data_section(yaml.safe_dump({"data": {"source": "gone"}})) == \
+        ["Not recorded with this model."]

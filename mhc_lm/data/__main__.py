@@ -15,12 +15,17 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from ..config import CONF_DIR, compose_config
+from ..errors import ConfigError
+from .config import DataConfig
+from .prepare import documents_for_prepare
+from .shards import write_shards
+from .sources import validate_data
+
 def compose_data_config(spec: str, overrides: list[str]):
     """The DataConfig of a conf/data group name or a YAML file, with `data.KEY=VALUE` overrides."""
-    from omegaconf import OmegaConf
-
-    from ..config import CONF_DIR, ConfigError, DataConfig, compose_config
-
     for override in overrides:
         if not override.lstrip("+~").startswith("data."):
             raise ConfigError(f"{override}: prepare takes data options only; allowed: data.KEY=VALUE")
@@ -38,12 +43,8 @@ def compose_data_config(spec: str, overrides: list[str]):
 
 
 def prepare(args) -> str:
-    from ..config import ConfigError, ModelConfig, validate_data
-    from .shards import write_shards
-    from .sources import documents_for_prepare
-
     data = compose_data_config(args.config, args.overrides)
-    validate_data(data, ModelConfig(max_seq_len=data.seq_len))
+    validate_data(data, data.seq_len)
     for option in ("shard_tokens", "max_tokens"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -60,8 +61,6 @@ def prepare(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..config import ConfigError
-
     parser = argparse.ArgumentParser(prog="python -m mhc_lm.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["prepare"],
                         help="prepare: tokenize a data source into memory-mapped shards with a manifest")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .state import STATE_VERSION, _global_offset, check_state
 
 

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..config import DataConfig
+from .config import DataConfig
 
 
 def cache_root(cfg: DataConfig) -> Path:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, DataConfig, expand_files, file_format
+from ..errors import ConfigError
+from .config import DataConfig, expand_files, file_format
 from .cache import digest
 
 
@@ -77,29 +78,31 @@ def _fingerprint_files(paths: list[str], cfg: DataConfig) -> str:
     return digest(cfg.format or "", cfg.text_field, *stats)
 
 
-def load_documents(cfg: DataConfig):
-    """(DatasetDict with train/validation `text` columns, fingerprint of the split)."""
+def bundled_split(cfg: DataConfig):
+    """(DatasetDict with train/validation `text` columns, fingerprint of the documents) of the bundled corpus."""
     from datasets import Dataset, DatasetDict
 
-    if cfg.source == "bundled":
-        names, texts, fingerprint = bundled_documents(cfg.corpus)
-        held_out = split_by_document(names, cfg.val_fraction, cfg.split_seed)
-        split = {
-            "train": [t for n, t in zip(names, texts) if n not in held_out],
-            "validation": [t for n, t in zip(names, texts) if n in held_out],
-        }
-        docs = DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in split.items()})
-    else:
-        train_paths, val_paths = expand_files(cfg.files), expand_files(cfg.val_files)
-        train_paths = [p for p in train_paths if p not in set(val_paths)]
-        fingerprint = digest(_fingerprint_files(train_paths, cfg), _fingerprint_files(val_paths, cfg))
-        if val_paths:
-            docs = DatasetDict({"train": _load_files(train_paths, cfg), "validation": _load_files(val_paths, cfg)})
-        else:
-            everything = _load_files(train_paths, cfg)
-            held_out = split_by_document([str(i) for i in range(len(everything))], cfg.val_fraction, cfg.split_seed)
-            val_rows = sorted(int(i) for i in held_out)
-            train_rows = sorted(set(range(len(everything))) - set(val_rows))
-            docs = DatasetDict({"train": everything.select(train_rows), "validation": everything.select(val_rows)})
-    split_key = digest(fingerprint, str(cfg.val_fraction), str(cfg.split_seed))
-    return docs, split_key
+    names, texts, fingerprint = bundled_documents(cfg.corpus)
+    held_out = split_by_document(names, cfg.val_fraction, cfg.split_seed)
+    split = {
+        "train": [t for n, t in zip(names, texts) if n not in held_out],
+        "validation": [t for n, t in zip(names, texts) if n in held_out],
+    }
+    return DatasetDict({k: Dataset.from_dict({"text": v}) for k, v in split.items()}), fingerprint
+
+
+def local_split(cfg: DataConfig):
+    """(DatasetDict with train/validation `text` columns, fingerprint of the files) of data.files / val_files."""
+    from datasets import DatasetDict
+
+    train_paths, val_paths = expand_files(cfg.files), expand_files(cfg.val_files)
+    train_paths = [p for p in train_paths if p not in set(val_paths)]
+    fingerprint = digest(_fingerprint_files(train_paths, cfg), _fingerprint_files(val_paths, cfg))
+    if val_paths:
+        return DatasetDict({"train": _load_files(train_paths, cfg), "validation": _load_files(val_paths, cfg)}), \
+            fingerprint
+    everything = _load_files(train_paths, cfg)
+    held_out = split_by_document([str(i) for i in range(len(everything))], cfg.val_fraction, cfg.split_seed)
+    val_rows = sorted(int(i) for i in held_out)
+    train_rows = sorted(set(range(len(everything))) - set(val_rows))
+    return DatasetDict({"train": everything.select(train_rows), "validation": everything.select(val_rows)}), fingerprint

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .cache import atomic_dir_write
 from .tokenizer import encode_texts, token_dtype
 

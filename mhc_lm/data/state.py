@@ -24,7 +24,7 @@ import base64
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 STATE_VERSION = 1
 

@@ -36,7 +36,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import ConfigError, DataConfig
+from ..errors import ConfigError
+from .config import DataConfig
 from .cache import digest
 from .state import STATE_VERSION, check_state, decode_array, encode_array
 from .tokenizer import encode_stream, tokenizer_fingerprint

@@ -12,7 +12,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..config import ConfigError, DataConfig
+from ..errors import ConfigError
+from .config import DataConfig
 from .cache import atomic_dir_write, cache_root, digest
 
 EOT = "<|endoftext|>"

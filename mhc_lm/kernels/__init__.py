@@ -20,9 +20,12 @@ The choice is the common residual option `residual.kernel`:
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
+
+from mhc_lm.errors import ConfigError
+
+from .interpreter import interpreting
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 MAX_KERNEL_STREAMS = 8  # n x n matrices up to 8 x 8 fit a program's registers; `auto` keeps larger n on PyTorch
@@ -36,15 +39,7 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter. Triton reads TRITON_INTERPRET=1 when a kernel is
-    defined, so it must be set before `mhc_lm.kernels.sinkhorn` or `.glue` is imported (tests/conftest.py)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _error(value, why: str, allowed=KERNEL_CHOICES):
-    from mhc_lm.config import ConfigError
-
     return ConfigError(f"residual.kernel={value!r}: {why}; allowed: {', '.join(allowed)}")
 
 
@@ -78,6 +73,9 @@ def use_triton(kernel: str, tensor: torch.Tensor, n: int) -> bool:
         return tensor.is_cuda and n <= MAX_KERNEL_STREAMS and triton_available()
     check_kernel_usable(kernel, n, cuda=tensor.is_cuda)
     return True
+
+
+# The two imports below are deferred on purpose: triton is an optional, heavy dependency.
 
 
 def glue_ops():

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from .interpreter import interpreting
 
 # ---------------------------------------------------------------------------------------------
 # Kernels. Offsets are int64: N * n * C overflows int32 at a million tokens of width 1024.

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from .interpreter import interpreting
 
 # ---------------------------------------------------------------------------------------------
 # Tile helpers (device functions)

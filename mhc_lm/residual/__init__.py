@@ -8,6 +8,7 @@ from .base import Mixer, apply_comb, collapse_streams, write_streams
 from .collapse import COLLAPSE_MODES, HyperHead, expand_streams, make_collapse
 from .registry import COMMON_OPTIONS, MIXERS, MODEL_KEYS, make_mixer, mixer_options, parse_options
 from .sinkhorn import sinkhorn, sinkhorn_reference
+from .validation import validate_residual
 
 __all__ = [
     "COLLAPSE_MODES",
@@ -25,5 +26,6 @@ __all__ = [
     "parse_options",
     "sinkhorn",
     "sinkhorn_reference",
+    "validate_residual",
     "write_streams",
 ]

@@ -11,13 +11,16 @@ from __future__ import annotations
 import torch
 
 try:
-    from mhc_lm.kernels import KERNEL_CHOICES, check_kernel_choice, glue_ops, sinkhorn_ops, use_triton
+    from mhc_lm.kernels import (KERNEL_CHOICES, check_kernel_choice, check_kernel_usable, glue_ops, sinkhorn_ops,
+                                use_triton)
 except ImportError:
     KERNEL_CHOICES = ("auto", "triton", "torch")
 
     def check_kernel_choice(value, n: int = 1) -> None:
         if value not in KERNEL_CHOICES:
             raise ValueError(f"residual.kernel={value!r}: unknown kernel choice; allowed: {', '.join(KERNEL_CHOICES)}")
+
+    check_kernel_usable = check_kernel_choice
 
     def use_triton(kernel: str, tensor: torch.Tensor, n: int) -> bool:
         return False
@@ -27,4 +30,4 @@ except ImportError:
 
     sinkhorn_ops = glue_ops
 
-__all__ = ["KERNEL_CHOICES", "check_kernel_choice", "glue_ops", "sinkhorn_ops", "use_triton"]
+__all__ = ["KERNEL_CHOICES", "check_kernel_choice", "check_kernel_usable", "glue_ops", "sinkhorn_ops", "use_triton"]

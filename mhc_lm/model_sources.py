@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import STEP_DIR, has_weights, list_checkpoints, read_trainer_state
-from .config import ConfigError
+from .errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
