@@ -44,3 +44,14 @@ def test_an_output_path_under_a_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         check_output_dir(tmp_path / "file" / "runs" / "a", "trainer.output_dir")
     check_output_dir(tmp_path / "new" / "dir", "trainer.output_dir")  # creatable: fine
+
+
+def test_resuming_another_residual_variant_names_residual_name(tmp_path):
+    import json
+
+    from mhc_lm.checkpoint import check_compatible
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"model": {}, "residual": {"name": "mhc", "n": 4,
+                                                                                      "collapse": "head"}}))
+    with pytest.raises(ConfigError, match=r"residual.name='hc': .* trained with residual=mhc"):
+        check_compatible(tmp_path, {"model": {}, "residual": {"name": "hc", "n": 4, "collapse": "mean"}})
