@@ -27,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import EvalConfig, register_configs, validate_eval
+from mhc_lm.cli import reported, run
 from mhc_lm.console import quiet_libraries
 from mhc_lm.errors import ConfigError
 
@@ -142,13 +143,10 @@ def write_samples(samples: list[dict], out_dir: Path) -> None:
 def main(dict_cfg: DictConfig) -> None:
     cfg: EvalConfig = OmegaConf.to_object(dict_cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    with reported():
         evaluate(cfg, out_dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run(main, "eval", check=validate_eval, output_option="output_dir")  # Hydra's errors in one line, exit 2

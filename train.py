@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import TrainConfig, register_configs, validate
+from mhc_lm.cli import reported, run
 from mhc_lm.console import quiet_libraries
 from mhc_lm.distributed import strip_local_rank_flag
 from mhc_lm.errors import ConfigError
@@ -277,14 +278,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
 def main(dict_cfg: DictConfig) -> float:
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    with reported():
         return train(cfg, run_dir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.argv = strip_local_rank_flag(sys.argv)  # the `deepspeed` launcher appends it; Hydra rejects it
-    main()
+    run(main, "config", check=validate, output_option="trainer.output_dir")  # Hydra's errors in one line, exit 2

@@ -66,6 +66,10 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
 def check_compatible(checkpoint: Path, run_config: dict[str, Any]) -> None:
     """Refuse a checkpoint whose model or residual configuration differs from this run's."""
     saved = json.loads((checkpoint / "run_config.json").read_text())
+    old_name, new_name = saved.get("residual", {}).get("name"), run_config.get("residual", {}).get("name")
+    if old_name != new_name:  # the variant decides every other residual key: name it, not a key it implies
+        raise ConfigError(f"residual.name={new_name!r}: the checkpoint {checkpoint} was trained with "
+                          f"residual={old_name}; allowed: residual={old_name}, or trainer.resume=none")
     for section in ("model", "residual"):
         keys = sorted(set(saved.get(section, {})) | set(run_config.get(section, {})))
         for key in keys:

@@ -1,12 +1,31 @@
-"""The errors mhc-lm raises on purpose, and the checks that raise them: a leaf module every layer may import."""
+"""The errors mhc-lm raises on purpose, the checks that raise them, and the exit code each one ends a run
+with: a leaf module that every layer may import.
+
+| exit code | meaning |
+|---|---|
+| 0 | done |
+| 1 | a bug: Python's traceback |
+| 2 | bad input found before any work (config value, file, path, launch environment): one line on stderr |
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+EXIT_BAD_INPUT = 2
 
-class ConfigError(ValueError):
+
+class MhcError(Exception):
+    """An expected failure: `mhc_lm.cli` prints `prefix: message` as one line and exits with `exit_code`."""
+
+    exit_code = 1
+    prefix = "error"
+
+
+class ConfigError(MhcError, ValueError):
     """A bad option value. The message reads `option=value: what is allowed`."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def fail(option: str, value: Any, allowed: str) -> None:
