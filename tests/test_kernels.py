@@ -416,8 +416,8 @@ def test_a_failed_check_stops_the_first_use(monkeypatch):
 
     monkeypatch.setattr(selfcheck, "_CHECKED", set())
     real_collapse = glue.collapse_streams
-    monkeypatch.setattr(selfcheck, "kernel_ops", lambda: broken_ops(
-        collapse_streams=lambda h, x: real_collapse(h, x) * 1.01))
+    wrong = broken_ops(collapse_streams=lambda h, x: real_collapse(h, x) * 1.01)
+    monkeypatch.setattr(selfcheck, "kernel_ops", lambda: wrong)
     fake_cuda = type("FakeCuda", (), {"is_cuda": True, "device": torch.device(DEVICE)})()
     for _ in range(2):  # a failure is not remembered as a pass
         with pytest.raises(selfcheck.KernelCheckError) as err:
