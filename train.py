@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from mhc_lm.distributed import Preemption, check_rendezvous_env, engine_name, parameter_count
     from mhc_lm.export import check_bundle, export_model
     from mhc_lm.hub import check_push_access, push
+    from mhc_lm.kernels import check_before_training
     from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer, lr_at, set_lr
@@ -147,6 +148,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         torch.set_num_threads(tcfg.num_threads)
     check_rendezvous_env()
     accelerator, grad_accum, precision = make_accelerator(cfg)
+    # The kernels' self-check on this GPU: a failure is one line here, not a crash inside a step.
+    check_before_training(cfg.residual.get("kernel", "auto"), cfg.residual["n"], accelerator.device)
     set_seed(tcfg.seed)
     is_main = accelerator.is_main_process
     preemption = Preemption()

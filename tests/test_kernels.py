@@ -15,9 +15,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from mhc_lm.kernels import glue, use_triton  # noqa: E402
+import triton  # noqa: E402
+
+from mhc_lm.kernels import glue, selfcheck, use_triton  # noqa: E402
 from mhc_lm.kernels import sinkhorn as ks  # noqa: E402
-from mhc_lm.residual import make_mixer  # noqa: E402
+from mhc_lm.residual import MIXERS, make_mixer  # noqa: E402
 from mhc_lm.residual.base import collapse_streams, write_streams  # noqa: E402
 from mhc_lm.residual.sinkhorn import sinkhorn, sinkhorn_reference  # noqa: E402
 
@@ -226,20 +228,48 @@ def mixer_pair(name, n, dim, **options):
     return fast, slow
 
 
-@pytest.mark.parametrize("name,options", [
-    ("mhc", {"fn_init_std": 0.5, "scale_init": 1.0}),
-    ("hc", {"scale_init": 0.5}),
-])
+# Options that take each variant away from its identity-leaning start, so that every coefficient matters.
+STRONG_OPTIONS = {"mhc": {"fn_init_std": 0.5, "scale_init": 1.0}, "hc": {"scale_init": 0.5}}
+
+
+def stream_variants() -> list[str]:
+    """Every registered variant with n streams (all but the one-stream plain residual)."""
+    return sorted(name for name in MIXERS if name != "residual")
+
+
+def count_kernel_calls(monkeypatch) -> list[str]:
+    """Record each call of the fused apply kernels (the mixers look them up at every forward)."""
+    calls = []
+    for name in ("collapse_streams", "write_streams"):
+        real = getattr(glue, name)
+        monkeypatch.setattr(glue, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+def test_every_stream_variant_is_covered():
+    assert {"hc", "mhc", "ihc"} <= set(stream_variants())
+    assert make_mixer("residual", 8, 1, 0).n == 1  # the one variant left out has nothing to fuse
+
+
+@pytest.mark.parametrize("name", stream_variants())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mixer_kernel_path_equals_torch_path(name, options, dtype):
+def test_mixer_kernel_path_equals_torch_path(name, dtype, monkeypatch):
+    """Every n-stream variant (the registry, so new ones join) through the fused apply kernels, forward and
+    backward, against its PyTorch path; `residual.kernel=triton` must reach the kernels, not be ignored."""
     n, dim = 4, 48
-    fast, slow = mixer_pair(name, n, dim, **options)
+    fast, slow = mixer_pair(name, n, dim, **STRONG_OPTIONS.get(name, {}))
     linear = torch.nn.Linear(dim, dim).to(DEVICE, dtype)
     streams = torch.randn(2, 41, n, dim).to(DEVICE, dtype)
     x_fast, x_slow = streams.clone().requires_grad_(), streams.clone().requires_grad_()
-    y_fast, y_slow = fast(x_fast, linear), slow(x_slow, linear)
+    calls = count_kernel_calls(monkeypatch)
+    y_fast = fast(x_fast, linear)
+    assert calls == ["collapse_streams", "write_streams"], f"residual={name} kernel=triton took {calls}"
+    y_slow = slow(x_slow, linear)
+    assert len(calls) == 2  # kernel=torch does not touch them
     assert y_fast.dtype == y_slow.dtype
-    tol = FP32 if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)  # bf16: the torch path rounds more
+    # bf16: the torch path rounds its products and sums to bf16 (the kernels once, at the end), so where
+    # stream and branch cancel the error is a few bf16 ulps of the operands, not of the result.
+    tol = FP32 if dtype == torch.float32 else dict(rtol=2e-2, atol=max(2e-2, 2 ** -6 * y_slow.abs().max().item()))
     torch.testing.assert_close(y_fast.float(), y_slow.float(), **tol)
     g_fast = grads([y_fast], [x_fast, *fast.parameters()])
     g_slow = grads([y_slow], [x_slow, *slow.parameters()])
@@ -310,3 +340,88 @@ def test_gpu_kernels_at_scale_in_bf16(n):
     ref = sinkhorn_reference(ref_logits, 20, 1e-6)
     torch.testing.assert_close(comb, ref, **FP32)
     close(grads([comb], [logits])[0], grads([ref], [ref_logits])[0], torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The self-check at first use (here under the interpreter; on a GPU, on the GPU)
+
+
+def broken_ops(**overrides):
+    """The real kernels with some replaced: a wrong result, or a failure like Triton's compiler's."""
+    ops = selfcheck.kernel_ops()
+    ops.update(overrides)
+    return ops
+
+
+def test_self_check_passes_and_measures_every_kernel():
+    errors = selfcheck.self_check(DEVICE)
+    assert set(errors) == {f"{k} {d}" for k in selfcheck.REFERENCES for d in ("forward", "backward")}
+    assert max(errors.values()) <= 1e-5  # the fp32 contract, well inside the check's 1e-4
+
+
+def test_self_check_references_are_independent_of_the_torch_path():
+    """The check's fp64 references agree with the residual package's PyTorch path (a second, separate writing)."""
+    logits = torch.randn(5, 3, 3, dtype=torch.float64) * 4
+    torch.testing.assert_close(selfcheck.sinkhorn_fp64(logits, 7, 1e-6), sinkhorn_reference(logits, 7, 1e-6))
+    h, out, comb, streams = (t.detach().double() for t in stream_inputs(3, torch.float32))
+    flat = lambda t: t.flatten(0, 1)  # noqa: E731  (the check works on (tokens, ...))
+    torch.testing.assert_close(selfcheck.write_fp64(flat(h), flat(out), flat(comb), flat(streams)),
+                               flat(write_streams(h, out, comb, streams)))
+    torch.testing.assert_close(selfcheck.collapse_fp64(flat(h), flat(streams)), flat(collapse_streams(h, streams)))
+
+
+def assert_one_line_failure(err: Exception):
+    message = str(err)
+    assert "\n" not in message
+    assert "residual.kernel=torch" in message and f"triton {triton.__version__}" in message
+    assert selfcheck.describe_device(DEVICE) in message
+    return message
+
+
+def test_self_check_stops_on_a_wrong_kernel():
+    real_write = glue.write_streams
+    wrong = broken_ops(write_streams=lambda h, out, comb, x: real_write(h, out, comb.transpose(-1, -2), x))
+    with pytest.raises(selfcheck.KernelCheckError) as err:
+        selfcheck.self_check(DEVICE, ops=wrong)
+    assert "write_streams forward differs from the reference" in assert_one_line_failure(err.value)
+
+
+def test_self_check_stops_on_a_kernel_that_does_not_compile():
+    def fails(*args):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120\nptxas fatal : Ptx assembly aborted")
+
+    with pytest.raises(selfcheck.KernelCheckError) as err:
+        selfcheck.self_check(DEVICE, ops=broken_ops(sinkhorn=fails))
+    assert "RuntimeError: PTX .version 8.7 does not support .target sm_120 ptxas fatal" in \
+        assert_one_line_failure(err.value)
+
+
+def test_first_cuda_use_runs_the_check_once(monkeypatch):
+    """use_triton checks at the first CUDA tensor per device, remembers a pass, and never checks CPU tensors."""
+    from mhc_lm import kernels
+
+    checked = []
+    monkeypatch.setattr(selfcheck, "_CHECKED", set())
+    monkeypatch.setattr(selfcheck, "self_check", lambda device: checked.append(str(device)))
+    fake_cuda = type("FakeCuda", (), {"is_cuda": True, "device": torch.device(DEVICE)})()
+    assert kernels.use_triton("auto", fake_cuda, 4) and kernels.use_triton("triton", fake_cuda, 4)
+    assert checked == [DEVICE]  # once per process and device
+    if not torch.cuda.is_available():
+        assert kernels.use_triton("triton", torch.zeros(1), 4) and checked == [DEVICE]  # interpreter: no check
+    assert not kernels.use_triton("torch", fake_cuda, 4)
+
+
+def test_a_failed_check_stops_the_first_use(monkeypatch):
+    from mhc_lm import kernels
+
+    monkeypatch.setattr(selfcheck, "_CHECKED", set())
+    real_collapse = glue.collapse_streams
+    wrong = broken_ops(collapse_streams=lambda h, x: real_collapse(h, x) * 1.01)
+    monkeypatch.setattr(selfcheck, "kernel_ops", lambda: wrong)
+    fake_cuda = type("FakeCuda", (), {"is_cuda": True, "device": torch.device(DEVICE)})()
+    for _ in range(2):  # a failure is not remembered as a pass
+        with pytest.raises(selfcheck.KernelCheckError) as err:
+            kernels.check_before_training("auto", 4, DEVICE) if torch.cuda.is_available() else \
+                kernels.use_triton("auto", fake_cuda, 4)
+        assert "collapse_streams forward differs" in assert_one_line_failure(err.value)
+    kernels.check_before_training("auto", 1, DEVICE)  # one stream: nothing to fuse, nothing checked

@@ -15,6 +15,9 @@ The choice is the common residual option `residual.kernel`:
 * `auto` (default): the kernels for CUDA tensors when triton is installed, PyTorch otherwise;
 * `triton`: always the kernels (on CPU only under the interpreter, `TRITON_INTERPRET=1`);
 * `torch`: always the PyTorch path (the reference; it also runs under `torch.compile`).
+
+At their first use on a GPU the kernels check themselves against a reference on a tiny input
+(`selfcheck`); a failure stops the run with one line naming the GPU, triton and `residual.kernel=torch`.
 """
 
 from __future__ import annotations
@@ -66,13 +69,29 @@ def check_kernel_usable(value, n: int = 1, cuda: bool | None = None) -> None:
 
 
 def use_triton(kernel: str, tensor: torch.Tensor, n: int) -> bool:
-    """The one dispatch rule: True when `tensor` (of n streams) should go through the Triton kernels."""
+    """The one dispatch rule: True when `tensor` (of n streams) should go through the Triton kernels.
+
+    The first time a process sends a CUDA tensor through them, the kernels check themselves on a tiny
+    input (`selfcheck.check_once`): a GPU they fail on stops the run here with one line."""
     if kernel == "torch":
         return False
     if kernel == "auto":
-        return tensor.is_cuda and n <= MAX_KERNEL_STREAMS and triton_available()
-    check_kernel_usable(kernel, n, cuda=tensor.is_cuda)
-    return True
+        chosen = tensor.is_cuda and n <= MAX_KERNEL_STREAMS and triton_available()
+    else:
+        check_kernel_usable(kernel, n, cuda=tensor.is_cuda)
+        chosen = True
+    if chosen and tensor.is_cuda and not torch.compiler.is_compiling():  # traced code: checked before tracing
+        from .selfcheck import check_once
+
+        check_once(tensor.device)
+    return chosen
+
+
+def check_before_training(kernel: str, n: int, device: torch.device) -> None:
+    """Run the self-check now if a model of n streams with `residual.kernel=kernel` will use the kernels on
+    `device` (train.py, before its first step: a compiled forward skips the check while it is traced)."""
+    if n > 1:
+        use_triton(kernel, torch.empty(0, device=device), n)
 
 
 # The two imports below are deferred on purpose: triton is an optional, heavy dependency.

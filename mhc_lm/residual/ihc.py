@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from .base import GeneratedMixer, GeneratorOptions, collapse_streams, expand_output
+from .base import GeneratedMixer, GeneratorOptions, expand_output, stream_ops, write_streams
 from .registry import register
 
 
@@ -37,10 +37,14 @@ class IhcMixer(GeneratedMixer):
         return torch.zeros(0)
 
     def project(self, res_logit: torch.Tensor) -> torch.Tensor:
+        """comb = I for every token, from any (..., k) tensor of the tokens' shape."""
         eye = torch.eye(self.n, dtype=res_logit.dtype, device=res_logit.device)
         return eye.expand(*res_logit.shape[:-1], self.n, self.n)
 
     def forward(self, streams, branch):
         h_pre, h_post, _ = self.generate(streams)
-        out = branch(collapse_streams(h_pre, streams))
-        return streams + expand_output(h_post, out, streams)  # H_res = I: no stream matmul
+        collapse, write = stream_ops(self.kernel, streams)
+        out = branch(collapse(h_pre, streams))
+        if write is write_streams:  # the PyTorch path: H_res = I needs no stream matmul
+            return streams + expand_output(h_post, out, streams)
+        return write(h_post, out, self.project(h_post), streams)  # the fused write, comb = I (a constant)
