@@ -229,6 +229,8 @@ def mixer_pair(name, n, dim, **options):
 @pytest.mark.parametrize("name,options", [
     ("mhc", {"fn_init_std": 0.5, "scale_init": 1.0}),
     ("hc", {"scale_init": 0.5}),
+    ("orthogonal", {"fn_init_std": 0.5, "scale_init": 1.0}),  # signed comb through the generic apply kernels
+    ("orthostochastic", {"fn_init_std": 0.5, "scale_init": 1.0}),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixer_kernel_path_equals_torch_path(name, options, dtype):
