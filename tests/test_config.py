@@ -74,7 +74,7 @@ def with_changes(cfg: TrainConfig, section: str, **changes) -> TrainConfig:
 @pytest.mark.parametrize("section,changes,message", [
     ("residual", {"n": 0}, "residual.n=0: the number of streams must be an integer >= 1"),
     ("residual", {"sinkhorn_iters": 0}, "residual.sinkhorn_iters=0: allowed: an integer >= 1"),
-    ("residual", {"name": "mhx"}, "residual.name='mhx': allowed: hc, ihc, kromhc, mhc, mhc_lite, residual, rtbp, shc, tbp"),
+    ("residual", {"name": "mhx"}, "residual.name='mhx': allowed: hc, ihc, kromhc, mhc, mhc_lite, orthogonal, orthostochastic, residual, rtbp, shc, tbp"),
     ("residual", {"collapse": "max"}, "residual.collapse='max': allowed: head, sum, mean"),
     ("residual", {"sinkhorn_iter": 2}, "residual.sinkhorn_iter=2: not an option of residual=mhc"),
     ("residual", {"kernel": "cuda"}, "residual.kernel='cuda': unknown kernel choice; allowed: auto, triton, torch"),

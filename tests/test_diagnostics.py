@@ -217,6 +217,28 @@ def test_shc_is_judged_by_its_spectral_norm_which_stays_at_one():
         assert sub["comp_spectral_norm_max"] == pytest.approx(1, abs=1e-5)
 
 
+def test_cayley_variants_report_their_bound():
+    """orthogonal is signed (Q Q^T = I): judged by the spectral norm, 1 for every single and composite map,
+    while its Amax gain exceeds 1. orthostochastic is exactly doubly stochastic: Amax gains 1 at every depth."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 61, (2, 9))
+    options = {"fn_init_std": 1.0, "scale_init": 1.0}
+    orthogonal = run_diagnostics(tiny_model("orthogonal", 4, layers=3, **options), ids).report
+    assert orthogonal["bound"] == "spectral_norm" and orthogonal["negative_entries"]
+    assert orthogonal["summary"]["comp_gain_fwd_max"] > 1.05
+    for sub in orthogonal["sublayers"]:
+        assert sub["identity_dist_mean"] > 0.3  # far from the identity: a real test
+        assert sub["spectral_norm_max"] == pytest.approx(1, abs=1e-5)
+        assert sub["comp_spectral_norm_max"] == pytest.approx(1, abs=1e-5)
+        assert sub["sigma_min_min"] == pytest.approx(1, abs=1e-5)
+    stochastic = run_diagnostics(tiny_model("orthostochastic", 4, layers=3, **options), ids).report
+    assert stochastic["bound"] == "amax_gain" and not stochastic["negative_entries"]
+    for sub in stochastic["sublayers"]:
+        assert sub["identity_dist_mean"] > 0.3
+        for key in ("gain_fwd_max", "gain_bwd_max", "comp_gain_fwd_max", "comp_gain_bwd_max"):
+            assert sub[key] == pytest.approx(1, abs=1e-5), key
+
+
 class FixedMixer(Mixer):
     """A mixer with one fixed H_res for every token, and a stack of them called like a model."""
 

@@ -229,7 +229,9 @@ def mixer_pair(name, n, dim, **options):
 
 
 # Options that take each variant away from its identity-leaning start, so that every coefficient matters.
-STRONG_OPTIONS = {"mhc": {"fn_init_std": 0.5, "scale_init": 1.0}, "hc": {"scale_init": 0.5}}
+STRONG_OPTIONS = {"mhc": {"fn_init_std": 0.5, "scale_init": 1.0}, "hc": {"scale_init": 0.5},
+                  "orthogonal": {"fn_init_std": 0.5, "scale_init": 1.0},  # a signed comb through the apply kernels
+                  "orthostochastic": {"fn_init_std": 0.5, "scale_init": 1.0}}
 
 
 def stream_variants() -> list[str]:

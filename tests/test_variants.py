@@ -14,7 +14,8 @@ from mhc_lm.residual import MIXERS, make_mixer
 from conftest import ROOT
 
 BIRKHOFF = ("mhc_lite", "kromhc", "tbp", "rtbp")
-GENERATED = ("mhc", "mhc_lite", "kromhc", "tbp", "rtbp", "shc", "ihc")
+GENERATED = ("mhc", "mhc_lite", "kromhc", "tbp", "rtbp", "shc", "orthostochastic", "orthogonal", "ihc")
+CAYLEY = ("orthostochastic", "orthogonal")
 
 
 def allowed(name: str, n: int) -> bool:
@@ -95,6 +96,90 @@ def test_shc_singular_values_are_one_and_abs_s():
     s = torch.tanh(logits[:, -3:]).abs()
     expected = torch.cat([torch.ones(16, 1, dtype=torch.float64), s], 1).sort(-1, descending=True).values
     torch.testing.assert_close(torch.linalg.svdvals(h_res), expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", CAYLEY)
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cayley_variants_meet_their_constraints(name, n, dtype):
+    """orthostochastic: >= 0, rows and columns sum to 1; orthogonal: Q Q^T = Q^T Q = I (so spectral norm 1)."""
+    mixer = make_mixer(name, 8, n, 0)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    eye = torch.eye(n, dtype=torch.float64)
+    for kind, logits in logit_sets(mixer, dtype).items():
+        h_res = mixer.project(logits).transpose(-1, -2)
+        assert h_res.dtype == dtype and h_res.shape == (256, n, n)
+        h = h_res.double()  # check in fp64: the error measured is the stored matrix's, not the check's
+        if name == "orthostochastic":
+            assert (h >= 0).all(), kind
+            assert (h.sum(-1) - 1).abs().max() <= tol, (kind, "rows")
+            assert (h.sum(-2) - 1).abs().max() <= tol, (kind, "columns")
+        else:
+            assert (h @ h.transpose(-1, -2) - eye).abs().max() <= tol, (kind, "Q Q^T")
+            assert (h.transpose(-1, -2) @ h - eye).abs().max() <= tol, (kind, "Q^T Q")
+            assert (torch.linalg.matrix_norm(h, ord=2) - 1).abs().max() <= tol, kind
+    h_res = mixer.project(logit_sets(mixer, dtype)["random"]).transpose(-1, -2)
+    if name == "orthogonal":
+        assert h_res.min() < -0.1  # signed by design
+    else:
+        assert (1 - h_res.diagonal(dim1=-2, dim2=-1)).mean() > 0.1  # random logits mix: far from I on average
+
+
+@pytest.mark.parametrize("name", CAYLEY)
+def test_cayley_variants_match_the_hand_computed_2x2_rotation(name):
+    """n = 2: A = [[0, a], [-a, 0]] gives Q = [[1 - a^2, -2a], [2a, 1 - a^2]] / (1 + a^2) (H_res = Q, or Q ∘ Q)."""
+    a = torch.tensor([[0.0], [0.5], [-2.0], [50.0]], dtype=torch.float64)
+    c, s = (1 - a.square()) / (1 + a.square()), 2 * a / (1 + a.square())
+    q = torch.stack([torch.cat([c, -s], -1), torch.cat([s, c], -1)], -2)  # (4, 2, 2)
+    expected = q if name == "orthogonal" else q.square()
+    h_res = make_mixer(name, 8, 2, 0).project(a).transpose(-1, -2)
+    torch.testing.assert_close(h_res, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", CAYLEY)
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+def test_cayley_variants_start_at_the_identity(name, n):
+    """Zero logits are Q = I exactly; the default init (fn_init_std 0.02, scale 0.01) stays within 1e-2 of it."""
+    mixer = make_mixer(name, 8, n, 0)
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.equal(mixer.project(torch.zeros(3, n * (n - 1) // 2, dtype=torch.float64)), eye.expand(3, n, n))
+    assert torch.equal(mixer.base[2 * n:], torch.zeros(n * (n - 1) // 2))
+    _, _, h_res = mixer.coefficients(torch.randn(2, 5, n, 8))
+    assert (h_res - eye.float()).abs().max() < 1e-2
+    _, _, h_res = make_mixer(name, 8, n, 0, fn_init_std=0.0).coefficients(torch.randn(2, 5, n, 8) * 50)
+    assert torch.equal(h_res, torch.eye(n).expand_as(h_res))
+
+
+@pytest.mark.parametrize("name", CAYLEY)
+@pytest.mark.parametrize("n", [2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inputs", ["random", "extreme"])
+def test_cayley_variants_send_gradients_to_every_connection_parameter(name, n, dtype, inputs):
+    torch.manual_seed(n)
+    mixer = make_mixer(name, 8, n, 0, fn_init_std=1.0, scale_init=1.0).to(dtype)
+    with torch.no_grad():  # res bias off the identity (where the orthostochastic derivative vanishes)
+        mixer.base[2 * n:] = (torch.rand(mixer.num_res_logits) * 2 - 1) * (50 if inputs == "extreme" else 1)
+    streams = torch.randn(2, 5, n, 8, dtype=dtype)
+    if inputs == "extreme":
+        streams = (streams.sign() * 50 * torch.rand_like(streams)).requires_grad_()
+    streams.requires_grad_()
+    out = mixer(streams, torch.nn.Linear(8, 8, dtype=dtype))
+    assert out.dtype == dtype
+    (out * torch.randn_like(out)).sum().backward()
+    for pname, param in mixer.named_parameters():
+        assert param.grad is not None, pname
+        assert torch.isfinite(param.grad).all(), pname
+        assert param.grad.abs().sum() > 0, pname
+    assert torch.isfinite(streams.grad).all()
+
+
+def test_orthostochastic_gradient_vanishes_only_at_the_identity():
+    """The documented first-order caveat: d(Q ∘ Q)/dA = 0 at A = 0, non-zero just off it."""
+    mixer = make_mixer("orthostochastic", 8, 3, 0)
+    for scale, vanishes in ((0.0, True), (1e-2, False)):
+        logits = torch.full((1, 3), scale, dtype=torch.float64, requires_grad=True)
+        (grad,) = torch.autograd.grad(mixer.project(logits)[0, 0, 1], logits)
+        assert (grad.abs().max() == 0) == vanishes, grad
 
 
 def test_tbp_chart_covers_a_hand_built_matrix():
@@ -178,6 +263,8 @@ def test_projection_gradients_are_finite_on_extreme_logits(name, n, dtype):
     ("rtbp", 3, "residual.n=3: rtbp halves the matrix recursively"),
     ("tbp", 1, "residual.n=1: tbp charts"),
     ("shc", 1, "residual.n=1: shc needs"),
+    ("orthogonal", 1, "residual.n=1: orthogonal mixes streams with an n x n rotation; allowed: n >= 2"),
+    ("orthostochastic", 1, "residual.n=1: orthostochastic mixes streams with an n x n rotation; allowed: n >= 2"),
 ])
 def test_structural_limits_are_clear_errors(name, n, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -3,7 +3,7 @@
 Importing this package registers every variant.
 """
 
-from . import hc, ihc, kromhc, mhc, mhc_lite, residual, shc, tbp  # noqa: F401  (registration side effects)
+from . import hc, ihc, kromhc, mhc, mhc_lite, orthogonal, orthostochastic, residual, shc, tbp  # noqa: F401  (registration side effects)
 from .base import Mixer, apply_comb, collapse_streams, write_streams
 from .collapse import COLLAPSE_MODES, HyperHead, expand_streams, make_collapse
 from .registry import COMMON_OPTIONS, MIXERS, MODEL_KEYS, make_mixer, mixer_options, parse_options

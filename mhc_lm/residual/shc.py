@@ -31,18 +31,24 @@ def helmert_basis(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     return torch.where(i <= j, 1 / norm, torch.where(i == j + 1, -(j + 1) / norm, torch.zeros_like(norm)))
 
 
-def cayley(params: torch.Tensor, m: int) -> torch.Tensor:
-    """Orthogonal (..., m, m) from the m(m-1)/2 upper-triangle entries of a skew-symmetric A.
+def cayley(params: torch.Tensor, m: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Orthogonal (..., m, m) = (I + A)^{-1} (I - A) from the m(m-1)/2 upper-triangle entries of a
+    skew-symmetric A; returned in `dtype` (default: the dtype of `params`).
 
     Solved in fp64: with entries of A near 50 an fp32 solve leaves 1e-5 of orthogonality error,
-    which would show as a spectral norm above 1. The matrices are at most 7 x 7, so this is cheap.
+    which would show as a spectral norm above 1. The matrices are at most 8 x 8, so this is cheap.
     """
     rows, cols = torch.triu_indices(m, m, offset=1)
     upper = params.new_zeros(*params.shape[:-1], m, m, dtype=torch.float64)
     upper[..., rows, cols] = params.double()
     skew = upper - upper.transpose(-1, -2)
     eye = torch.eye(m, dtype=torch.float64, device=params.device)
-    return torch.linalg.solve(eye + skew, eye - skew).to(params.dtype)
+    return torch.linalg.solve(eye + skew, eye - skew).to(dtype or params.dtype)
+
+
+def cayley_flops(m: int) -> int:
+    """FLOPs of one m x m `cayley`: build I +- A, the LU of I + A and the solve for m right-hand sides."""
+    return 2 * m * m + (8 * m ** 3) // 3
 
 
 @dataclasses.dataclass
@@ -62,8 +68,7 @@ class ShcMixer(GeneratedMixer):
     @staticmethod
     def res_flops(n: int) -> int:
         m = n - 1
-        cayley_flops = 2 * m * m + (8 * m ** 3) // 3  # build I +- A, LU and m right-hand sides
-        return 2 * cayley_flops + 5 * m + m * m + 2 * m ** 3 + 2 * n * m * m + 2 * n * n * m + n * n
+        return 2 * cayley_flops(m) + 5 * m + m * m + 2 * m ** 3 + 2 * n * m * m + 2 * n * n * m + n * n
 
     def __init__(self, dim: int, n: int, layer_index: int, options: ShcOptions):
         if n < 2:
