@@ -165,7 +165,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     loader = make_train_loader(data, tcfg.batch_size, tcfg.seed, accelerator.process_index, accelerator.num_processes)
 
     # 3. Model and optimizer.
-    model_config = build_config(cfg.model, cfg.residual, vocab_size, data.eot_id)
+    model_config = build_config(cfg.model, cfg.residual, vocab_size, data.eot_id, tcfg)
     model = MhcForCausalLM(model_config)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
