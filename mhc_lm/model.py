@@ -105,6 +105,12 @@ class MhcConfig(PretrainedConfig):
         """L_r, the sublayers per `mhc` recompute group (attention and MLP count apart)."""
         return self.recompute_group or paper_group(self.num_streams, 2 * self.num_hidden_layers)
 
+    @property
+    def blocks_per_group(self) -> int:
+        """L_r in whole blocks (two sublayers each, rounded up): a group never splits a block, so the
+        per-block hooks of FSDP and ZeRO-3 see every block whole, also when it runs again in backward."""
+        return math.ceil(self.group_size / 2)
+
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
     """The LLaMA rule: 8/3 * dim, rounded up to a multiple (keeps SwiGLU at about 12 * dim^2 per block)."""
@@ -202,14 +208,8 @@ class Block(nn.Module):
         self.mlp_hc = make_mixer(name, config.hidden_size, n, 2 * layer_idx + 1, **options)
 
     def forward(self, streams, cos, sin, mask, cache):
-        for sublayer in self.sublayers(cos, sin, mask, cache):
-            streams = sublayer(streams)
-        return streams
-
-    def sublayers(self, cos, sin, mask, cache):
-        """The two sublayers as functions streams -> streams (the stages of `mhc` recompute)."""
-        return [lambda s: self.attn_hc(s, lambda x: self.attn(self.attn_norm(x), cos, sin, mask, cache)),
-                lambda s: self.mlp_hc(s, lambda x: self.mlp(self.mlp_norm(x)))]
+        streams = self.attn_hc(streams, lambda x: self.attn(self.attn_norm(x), cos, sin, mask, cache))
+        return self.mlp_hc(streams, lambda x: self.mlp(self.mlp_norm(x)))
 
 
 class MhcPreTrainedModel(PreTrainedModel):
@@ -288,8 +288,8 @@ class MhcModel(MhcPreTrainedModel):
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
         mask = attention_mask_4d(attention_mask, T, past_len, hidden.device)
         streams = expand_streams(hidden, self.config.num_streams)  # (B, T, n, C)
-        streams = run_stages(self.stages(cos, sin, mask, cache), streams, self.recompute_policy(cache),
-                             self.config.group_size)
+        blocks = [functools.partial(block, cos=cos, sin=sin, mask=mask, cache=cache) for block in self.layers]
+        streams = run_stages(blocks, streams, self.recompute_policy(cache), self.config.blocks_per_group)
         return self.norm(self.hc_head(streams)), cache
 
     def recompute_policy(self, cache) -> str:
@@ -298,12 +298,6 @@ class MhcModel(MhcPreTrainedModel):
         if self.training and torch.is_grad_enabled() and cache is None:
             return self.config.activation_checkpointing
         return "none"
-
-    def stages(self, cos, sin, mask, cache):
-        """Blocks (`none`, `full`) or sublayers (`mhc`) as functions streams -> streams."""
-        if self.config.activation_checkpointing == "mhc":
-            return [s for block in self.layers for s in block.sublayers(cos, sin, mask, cache)]
-        return [functools.partial(block, cos=cos, sin=sin, mask=mask, cache=cache) for block in self.layers]
 
 
 class MhcForCausalLM(MhcPreTrainedModel, GenerationMixin):

@@ -1,13 +1,14 @@
 """Activation recompute for the residual streams: `mhc`, the glue recompute of the mHC paper (section 4.3),
 and `full`, block checkpointing.
 
-A model runs its residual path as a list of stages, each a function streams (B, T, n, C) -> streams:
+A model runs its residual path as a list of stages (its blocks), each a function streams (B, T, n, C) ->
+streams:
 
 * `none`: the stages one after another; autograd keeps everything it needs.
 * `full`: each stage (a block) under torch's non-reentrant checkpoint: only its input streams stay alive,
   and the whole block runs again in backward.
-* `mhc`: the stages (sublayers: one mixer and its branch) in groups of L_r. Only the streams entering a
-  group stay alive. Inside the group the branches' matmul and attention outputs are kept (what costs
+* `mhc`: the stages in groups (L_r sublayers, as whole blocks). Only the streams entering a group stay
+  alive. Inside the group the branches' matmul and attention outputs are kept (what costs
   FLOPs to recompute); the glue (coefficients, the collapse to the branch input, the stream write, all
   n streams wide) and the cheap element-wise ops are recomputed in backward. This is torch's selective
   checkpoint: the policy below decides per op, so the same code covers every variant and the Triton
@@ -71,8 +72,8 @@ def _chain(stages: list[Stage], streams: torch.Tensor) -> torch.Tensor:
 
 
 def run_stages(stages: list[Stage], streams: torch.Tensor, policy: str, group: int = 1) -> torch.Tensor:
-    """The streams after every stage, under `policy` (`full`: stages are blocks; `mhc`: sublayers in groups
-    of `group`)."""
+    """The streams after every stage, under `policy` (`full`: one stage per checkpoint; `mhc`: `group`
+    stages per selective checkpoint)."""
     if policy == "none":
         return _chain(stages, streams)
     if policy == "full":
