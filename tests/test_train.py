@@ -67,10 +67,13 @@ def test_plain_residual_baseline_runs(train_cli, tmp_path):
 
 @pytest.mark.compat
 def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
+    """Also across activation recompute: the straight run keeps everything, the interrupted one recomputes
+    the mHC glue and, resumed, whole blocks; the losses are the same bits."""
     common = ["trainer.max_steps=16", "trainer.ckpt_every=4", "trainer.eval_every=8"]
-    straight = train_cli(*common, "trainer.run_name=straight")
+    straight = train_cli(*common, "trainer.run_name=straight", "trainer.activation_checkpointing=none")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    stopped = train_cli(*common, "trainer.run_name=interrupted", "trainer.stop_at_step=8")
+    stopped = train_cli(*common, "trainer.run_name=interrupted", "trainer.stop_at_step=8",
+                        "trainer.activation_checkpointing=mhc")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at trainer.stop_at_step at step 8 of 16" in last_line(stopped)
     run_dir = tmp_path / "runs" / "interrupted"
@@ -79,7 +82,7 @@ def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
     partial = run_dir / "checkpoints" / ".tmp-step_000012"
     shutil.copytree(run_dir / "checkpoints" / "step_000008", partial)
     (partial / "model.safetensors").write_bytes(b"garbage")
-    resumed = train_cli(*common, "trainer.run_name=interrupted")
+    resumed = train_cli(*common, "trainer.run_name=interrupted", "trainer.activation_checkpointing=full")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout + resumed.stderr
     a, b = train_losses(tmp_path / "runs" / "straight"), train_losses(run_dir)
