@@ -50,12 +50,16 @@ def run(tokens: int, args, device: torch.device) -> list[dict]:
                    ideal_traffic, args.warmup, args.repeat, tokens=tokens)
 
 
-def main() -> None:
+def build_parser():
     parser = comparison_parser(__doc__)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the streams' dtype (float32 in our bf16-autocast training)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = pick_device(args.device)
     report(f"mhc mixer forward + backward, n={args.n}, dim={args.dim}, {args.dtype} streams", args, device,
            lambda tokens: run(tokens, args, device))

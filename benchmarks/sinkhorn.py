@@ -51,11 +51,15 @@ def run(tokens: int, n: int, args, device: torch.device) -> list[dict]:
                    args.warmup, args.repeat, tokens=tokens)
 
 
-def main() -> None:
+def build_parser():
     parser = comparison_parser(__doc__)
     parser.add_argument("--eps", type=float, default=1e-6)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = pick_device(args.device)
     report(f"sinkhorn forward + backward, n={args.n}, iters={args.iters}, {args.dtype} logits", args, device,
            lambda tokens: run(tokens, args.n, args, device))

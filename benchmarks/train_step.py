@@ -31,7 +31,8 @@ def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float
     from mhc_lm.optim import build_optimizer
     from train import make_accelerator, train_step
 
-    model_cfg = ModelConfig(name="bench", d_model=1024, n_layers=12, n_heads=16, max_seq_len=args.seq_len)
+    model_cfg = ModelConfig(name="bench", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                            max_seq_len=args.seq_len)
     cfg = TrainConfig(model=model_cfg, residual=residual, data=DataConfig(seq_len=args.seq_len), optim=OptimConfig(),
                       trainer=TrainerConfig(batch_size=args.batch, precision=args.precision, compile=args.compile,
                                             run_name="bench"))
@@ -52,7 +53,7 @@ def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float
     return args.batch * args.seq_len / seconds, n_params
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -63,12 +64,20 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--d-model", type=int, default=1024, help="a smaller model for a quick run (gpu_check --dry-run)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=16)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     device = pick_device(args.device)
     if device.type == "cpu" and torch.cuda.is_available():
         parser.error("--device cpu on a GPU machine: accelerate would still place the model on the GPU")
     print(f"# {machine(device)}")
-    print(f"# 12 layers x d_model 1024, vocab {args.vocab}, batch {args.batch} x {args.seq_len} tokens, "
+    print(f"# {args.layers} layers x d_model {args.d_model}, vocab {args.vocab}, batch {args.batch} x {args.seq_len} tokens, "
           f"precision {args.precision}, compile {args.compile}, median of {args.steps} steps after {args.warmup}")
     rows = []
     for name, residual in (("residual", residual_config("residual", "auto")),
