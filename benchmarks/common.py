@@ -152,6 +152,8 @@ def comparison_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for the compile row (eager: dynamo alone, a quick rehearsal)")
     return parser
 
 

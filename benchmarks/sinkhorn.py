@@ -26,11 +26,11 @@ from mhc_lm.kernels import triton_available
 from mhc_lm.residual.sinkhorn import sinkhorn, sinkhorn_reference
 
 
-def implementations(device: torch.device, iters: int, eps: float) -> dict:
+def implementations(device: torch.device, iters: int, eps: float, backend: str = "inductor") -> dict:
     impls = {
         "eager": lambda x: sinkhorn(x, iters, eps, kernel="torch"),
         "autograd": lambda x: sinkhorn_reference(x, iters, eps),
-        "compile": torch.compile(lambda x: sinkhorn_reference(x, iters, eps)),
+        "compile": torch.compile(lambda x: sinkhorn_reference(x, iters, eps), backend=backend),
     }
     if device.type == "cuda" and triton_available():
         impls["triton"] = lambda x: sinkhorn(x, iters, eps, kernel="triton")
@@ -47,7 +47,7 @@ def run(tokens: int, n: int, args, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     logits = (torch.randn(tokens, n, n, device=device) * 3).to(getattr(torch, args.dtype)).requires_grad_()
     grad = torch.randn(tokens, n, n, device=device)
-    return compare(implementations(device, args.iters, args.eps), logits, grad, minimal_traffic(logits),
+    return compare(implementations(device, args.iters, args.eps, args.compile_backend), logits, grad, minimal_traffic(logits),
                    args.warmup, args.repeat, tokens=tokens)
 
 

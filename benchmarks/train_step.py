@@ -26,6 +26,8 @@ def residual_config(name: str, kernel: str) -> dict:
 
 
 def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float, int]:
+    from accelerate.state import AcceleratorState, GradientState
+
     from mhc_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig, validate
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer
@@ -34,14 +36,20 @@ def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float
     model_cfg = ModelConfig(name="bench", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                             max_seq_len=args.seq_len)
     cfg = TrainConfig(model=model_cfg, residual=residual, data=DataConfig(seq_len=args.seq_len), optim=OptimConfig(),
-                      trainer=TrainerConfig(batch_size=args.batch, precision=args.precision, compile=args.compile,
+                      trainer=TrainerConfig(batch_size=args.batch, precision=args.precision,
+                                            compile=args.compile and args.compile_backend == "inductor",
                                             run_name="bench"))
     validate(cfg)
+    # accelerate keeps its first Accelerator's settings (compile among them) process-wide: start afresh.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     accelerator, _, _ = make_accelerator(cfg)
     torch.manual_seed(0)
     model = MhcForCausalLM(build_config(model_cfg, residual, args.vocab, eos_token_id=0)).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.compile and args.compile_backend != "inductor":  # trainer.compile is inductor's; another by hand
+        model = torch.compile(model, backend=args.compile_backend)
     model.train()
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
     seconds = timed(lambda: train_step(model, optimizer, [batch], accelerator, cfg.optim.grad_clip), device,
@@ -61,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", help="trainer.precision (auto: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--compile", action="store_true", help="trainer.compile (torch.compile the model)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="with --compile: torch.compile's backend (eager: dynamo alone, a quick rehearsal)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
@@ -77,8 +87,8 @@ def main() -> None:
     if device.type == "cpu" and torch.cuda.is_available():
         parser.error("--device cpu on a GPU machine: accelerate would still place the model on the GPU")
     print(f"# {machine(device)}")
-    print(f"# {args.layers} layers x d_model {args.d_model}, vocab {args.vocab}, batch {args.batch} x {args.seq_len} tokens, "
-          f"precision {args.precision}, compile {args.compile}, median of {args.steps} steps after {args.warmup}")
+    print(f"# {args.layers} layers x d_model {args.d_model}, vocab {args.vocab}, batch {args.batch} x {args.seq_len} "
+          f"tokens, precision {args.precision}, compile {args.compile}, median of {args.steps} steps after {args.warmup}")
     rows = []
     for name, residual in (("residual", residual_config("residual", "auto")),
                            ("mhc", residual_config("mhc", args.kernel))):
