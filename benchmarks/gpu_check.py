@@ -83,8 +83,9 @@ DRY = Plan(
     kernel_magnitudes=(50.0,), bench_warmup=1, bench_repeat=1, compile_backend="eager",
     step_args=("--batch", "1", "--seq-len", "16", "--vocab", "256", "--d-model", "32", "--layers", "1", "--heads",
                "2", "--warmup", "1", "--steps", "1"),
-    train_overrides=("model=tiny", "data.seq_len=32", "data.vocab_size=512", "trainer.batch_size=4",
-                     "trainer.max_steps=8", "trainer.log_every=1", "optim.warmup_steps=2", "trainer.eval_batches=1"),
+    # Few tokens per step: the interpreter runs a kernel's programs one after the other.
+    train_overrides=("model=tiny", "model.n_layers=1", "data.seq_len=16", "data.vocab_size=512", "trainer.batch_size=2",
+                     "trainer.max_steps=6", "trainer.log_every=1", "optim.warmup_steps=2", "trainer.eval_batches=1"),
     compile_model=dict(d_model=32, n_layers=1, n_heads=2), compile_batch=(1, 16),
 )
 
