@@ -481,6 +481,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prepare", action="store_true",
                         help="download the wheels the GPU image lacks into --wheel-dir (needs a package registry)")
     parser.add_argument("--wheel-dir", type=Path, default=offline_wheels.WHEEL_DIR)
+    parser.add_argument("--python-version", default=offline_wheels.TARGET["python_version"],
+                        help="with --prepare: the GPU machine's Python (the image's is 3.12)")
     parser.add_argument("--out", type=Path, default=None, help="report directory (default runs/gpu_check-<time>)")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     args = parser.parse_args(argv)
@@ -495,7 +497,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     wheel_dir = args.wheel_dir if args.wheel_dir.is_absolute() else ROOT / args.wheel_dir
     if args.prepare:
-        offline_wheels.prepare(wheel_dir)
+        offline_wheels.prepare(wheel_dir, python_version=args.python_version)
         return 0
     offline_wheels.ensure(wheel_dir)  # before anything imports torch, hydra or datasets
 

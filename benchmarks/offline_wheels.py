@@ -175,19 +175,21 @@ def check_size(tree: int, wheels: int, limit: int = LIMIT_BYTES) -> str:
     return line
 
 
-def download_commands(specs: list[str], sdists: list[str], wheel_dir: Path) -> list[list[str]]:
+def download_commands(specs: list[str], sdists: list[str], wheel_dir: Path,
+                      python_version: str = TARGET["python_version"]) -> list[list[str]]:
     pip = [sys.executable, "-m", "pip"]
     platforms = [arg for p in TARGET["platforms"] for arg in ("--platform", p)]
     commands = []
     if specs:
-        commands.append([*pip, "download", "--only-binary=:all:", "--python-version", TARGET["python_version"],
+        commands.append([*pip, "download", "--only-binary=:all:", "--python-version", python_version,
                          *platforms, "--no-deps", "-d", str(wheel_dir), *specs])
     if sdists:  # pure Python: a wheel built here installs on any Python 3
         commands.append([*pip, "wheel", "--no-deps", "-w", str(wheel_dir), *sdists])
     return commands
 
 
-def prepare(wheel_dir: Path = WHEEL_DIR, constraints: Path = ROOT / "constraints.txt", root: Path = ROOT) -> None:
+def prepare(wheel_dir: Path = WHEEL_DIR, constraints: Path = ROOT / "constraints.txt", root: Path = ROOT,
+            python_version: str = TARGET["python_version"]) -> None:
     """Download the wheels into `wheel_dir` (stale ones of the same packages removed first), print the size."""
     pins = read_pins(constraints)
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +198,7 @@ def prepare(wheel_dir: Path = WHEEL_DIR, constraints: Path = ROOT / "constraints
             old.unlink()
     specs = pinned([p for p in WHEELS if not p.sdist_only], pins)
     sdists = pinned([p for p in WHEELS if p.sdist_only], pins)
-    for command in download_commands(specs, sdists, wheel_dir):
+    for command in download_commands(specs, sdists, wheel_dir, python_version):
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -204,8 +206,8 @@ def prepare(wheel_dir: Path = WHEEL_DIR, constraints: Path = ROOT / "constraints
     wheels = sorted(p.name for p in wheel_dir.glob("*.whl"))
     print(f"gpu_check --prepare: {len(wheels)} wheels in {wheel_dir}: {', '.join(wheels)}")
     print(check_size(tree_bytes(root, exclude=wheel_dir), folder_bytes(wheel_dir)))
-    print(f"on the GPU machine: PYTHONPATH=. python benchmarks/gpu_check.py --wheel-dir {wheel_dir.name} "
-          f"(carry {wheel_dir.name})")
+    shown = wheel_dir.relative_to(root) if root in wheel_dir.parents else wheel_dir
+    print(f"on the GPU machine: PYTHONPATH=. python benchmarks/gpu_check.py --wheel-dir {shown} (carry {shown})")
 
 
 # ---------------------------------------------------------------------------------------------
