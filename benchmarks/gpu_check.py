@@ -65,17 +65,20 @@ class Plan:
     compile_backend: str  # the benchmarks' torch.compile rows (inductor's C++ build takes minutes on a small CPU)
     step_args: tuple[str, ...]  # benchmarks/train_step.py options
     train_overrides: tuple[str, ...]
+    train_timeout: int
     compile_model: dict = field(default_factory=dict)
     compile_batch: tuple[int, int] = (2, 64)
 
 
 GPU = Plan(
-    tests_timeout=240, kernel_tokens=4099, kernel_width=1031, sinkhorn_tokens=(65536, 1048576),
-    layer_tokens=(65536, 262144), layer_dim=1024, kernel_magnitudes=(1.0, 50.0), bench_warmup=2, bench_repeat=10,
+    # One token count per benchmark: each new shape is another inductor compilation out of the 8 minutes.
+    tests_timeout=240, kernel_tokens=4099, kernel_width=1031, sinkhorn_tokens=(1048576,),
+    layer_tokens=(262144,), layer_dim=1024, kernel_magnitudes=(1.0, 50.0), bench_warmup=2, bench_repeat=10,
     compile_backend="inductor",
     step_args=("--batch", "8", "--seq-len", "1024", "--warmup", "2", "--steps", "10"),
     train_overrides=("model=base", "data.seq_len=1024", "trainer.batch_size=16", "trainer.max_steps=100",
                      "trainer.log_every=10", "optim.warmup_steps=10"),
+    train_timeout=300,
     compile_model=dict(d_model=256, n_layers=4, n_heads=4), compile_batch=(4, 256),
 )
 DRY = Plan(
@@ -86,6 +89,7 @@ DRY = Plan(
     # Few tokens per step: the interpreter runs a kernel's programs one after the other.
     train_overrides=("model=tiny", "model.n_layers=1", "data.seq_len=16", "data.vocab_size=512", "trainer.batch_size=2",
                      "trainer.max_steps=6", "trainer.log_every=1", "optim.warmup_steps=2", "trainer.eval_batches=1"),
+    train_timeout=600,
     compile_model=dict(d_model=32, n_layers=1, n_heads=2), compile_batch=(1, 16),
 )
 
@@ -130,14 +134,26 @@ class Result:
 def pytest_summary(output: str) -> str:
     """pytest's closing line (`3 passed, 1 skipped in 2.1s`), without its `=` rule."""
     lines = [line.strip("= ").strip() for line in output.strip().splitlines() if line.strip()]
-    return next((line for line in reversed(lines) if " in " in line and any(
-        w in line for w in ("passed", "failed", "skipped", "deselected", "error", "no tests"))), lines[-1] if lines else "")
+    words = ("passed", "failed", "skipped", "deselected", "error", "no tests")
+    closing = [line for line in lines if " in " in line and any(w in line for w in words)]
+    return closing[-1] if closing else (lines[-1] if lines else "")
+
+
+def run_logged(command: list[str], log: Path, timeout: int, what: str) -> subprocess.CompletedProcess:
+    """Run `command` in the checkout, its output to `log`; past `timeout` seconds a StepFailed, not a traceback."""
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        as_text = (lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or ""))
+        log.write_text(as_text(err.stdout) + as_text(err.stderr))
+        raise StepFailed(f"{what} did not finish within {timeout} s (log: {log.name})") from None
+    log.write_text(done.stdout + done.stderr)
+    return done
 
 
 def step_gpu_tests(ctx: Context, result: Result) -> None:
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=ctx.plan.tests_timeout)
-    (ctx.out / "gpu_tests.log").write_text(done.stdout + done.stderr)
+    done = run_logged(command, ctx.out / "gpu_tests.log", ctx.plan.tests_timeout, "pytest -m gpu")
     result.summary = f"`pytest -m gpu tests`: {pytest_summary(done.stdout)} (log: gpu_tests.log)"
     # 5: nothing collected. Without a GPU every gpu test is skipped (0); on the GPU none may be missing.
     if done.returncode != 0:
@@ -256,7 +272,8 @@ def train_step_rows(ctx: Context) -> list[dict]:
         args = bench.build_parser().parse_args([*ctx.plan.step_args, "--device", ctx.device.type, "--compile-backend",
                                                 ctx.plan.compile_backend, *(["--compile"] if compiled else [])])
         rate, n_params = bench.tokens_per_second(bench.residual_config(residual, kernel), args, ctx.device)
-        rows.append({"residual": residual, "kernel": kernel + (f" + compile ({args.compile_backend})" if compiled else ""),
+        label = kernel + (f" + compile ({args.compile_backend})" if compiled else "")
+        rows.append({"residual": residual, "kernel": label,
                      "params M": f"{n_params / 1e6:.1f}", "tokens/s": f"{rate:,.0f}", "_rate": rate})
     for row in rows:
         row["vs residual"] = f"{row['_rate'] / rows[0]['_rate']:.3f}"
@@ -349,8 +366,7 @@ def step_train(ctx: Context, result: Result) -> None:
     peaks_file = ctx.out / "train_peak_memory.json"
     overrides = train_overrides(ctx, run_dir)
     command = [sys.executable, "-c", TRAIN_WRAPPER, str(peaks_file), *overrides]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    (ctx.out / "train.log").write_text(done.stdout + done.stderr)
+    done = run_logged(command, ctx.out / "train.log", ctx.plan.train_timeout, "train.py")
     result.summary = f"`python train.py {' '.join(overrides)}`"
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["(no output)"])[-1]
@@ -394,8 +410,9 @@ def step_compile(ctx: Context, result: Result) -> None:
         return loss.item()
 
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)  # counts every break; fullgraph stops at one
     breaks = [str(getattr(b, "reason", b)).splitlines()[0] for b in explained.break_reasons]
+    torch._dynamo.reset()
     # The CPU rehearsal traces with the eager backend (inductor's C++ build would take minutes on 2 cores).
     backend = "inductor" if ctx.device.type == "cuda" else "eager"
     eager_loss = loss_of(model)

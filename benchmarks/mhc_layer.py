@@ -35,7 +35,8 @@ def implementations(args, device: torch.device) -> dict:
         return make_mixer("mhc", args.dim, args.n, 0, kernel=kernel, sinkhorn_iters=args.iters).to(device)
 
     eager = mixer("torch")
-    impls = {"eager": lambda x: eager(x, identity), "compile": torch.compile(lambda x: eager(x, identity), backend=args.compile_backend)}
+    impls = {"eager": lambda x: eager(x, identity),
+             "compile": torch.compile(lambda x: eager(x, identity), backend=args.compile_backend)}
     if device.type == "cuda" and triton_available():
         fused = mixer("triton")
         impls["triton"] = lambda x: fused(x, identity)

@@ -47,8 +47,8 @@ def run(tokens: int, n: int, args, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     logits = (torch.randn(tokens, n, n, device=device) * 3).to(getattr(torch, args.dtype)).requires_grad_()
     grad = torch.randn(tokens, n, n, device=device)
-    return compare(implementations(device, args.iters, args.eps, args.compile_backend), logits, grad, minimal_traffic(logits),
-                   args.warmup, args.repeat, tokens=tokens)
+    impls = implementations(device, args.iters, args.eps, args.compile_backend)
+    return compare(impls, logits, grad, minimal_traffic(logits), args.warmup, args.repeat, tokens=tokens)
 
 
 def build_parser():

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--d-model", type=int, default=1024, help="a smaller model for a quick run (gpu_check --dry-run)")
+    parser.add_argument("--d-model", type=int, default=1024,
+                        help="a smaller model for a quick run (gpu_check --dry-run)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=16)
     return parser
@@ -88,7 +89,8 @@ def main() -> None:
         parser.error("--device cpu on a GPU machine: accelerate would still place the model on the GPU")
     print(f"# {machine(device)}")
     print(f"# {args.layers} layers x d_model {args.d_model}, vocab {args.vocab}, batch {args.batch} x {args.seq_len} "
-          f"tokens, precision {args.precision}, compile {args.compile}, median of {args.steps} steps after {args.warmup}")
+          f"tokens, precision {args.precision}, compile {args.compile}, median of {args.steps} steps after "
+          f"{args.warmup}")
     rows = []
     for name, residual in (("residual", residual_config("residual", "auto")),
                            ("mhc", residual_config("mhc", args.kernel))):

@@ -85,8 +85,10 @@ def test_kernel_judgement_allows_the_tolerance_or_twice_the_pytorch_error():
 
 
 def test_targets_from_triton_rows_and_the_peak_table():
-    rows = [{"tokens": 10, "impl": "eager", "_s": 1.0, "_bw": 1e11}, {"tokens": 10, "impl": "triton", "_s": 0.5, "_bw": 9e11},
-            {"tokens": 20, "impl": "eager", "_s": 2.0, "_bw": 1e11}, {"tokens": 20, "impl": "triton", "_s": 0.1, "_bw": 2e12}]
+    rows = [{"tokens": 10, "impl": "eager", "_s": 1.0, "_bw": 1e11},
+            {"tokens": 10, "impl": "triton", "_s": 0.5, "_bw": 9e11},
+            {"tokens": 20, "impl": "eager", "_s": 2.0, "_bw": 1e11},
+            {"tokens": 20, "impl": "triton", "_s": 0.1, "_bw": 2e12}]
     gpu_check.bandwidth_columns(rows, "NVIDIA H200")
     assert rows[3]["of peak"] == "42%" and rows[3]["TB/s"] == "2.000"
     speed, bandwidth = gpu_check.kernel_targets("Sinkhorn", rows)  # judged at 20 tokens, the largest
@@ -197,7 +199,8 @@ def _fake_wheel(folder: Path, name: str, version: str, module: str) -> None:
     with zipfile.ZipFile(folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl", "w") as whl:
         whl.writestr(f"{module}/__init__.py", "VALUE = 42\n")
         whl.writestr(f"{dist_info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        whl.writestr(f"{dist_info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{dist_info}/WHEEL",
+                     "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         whl.writestr(f"{dist_info}/RECORD", "")
 
 
