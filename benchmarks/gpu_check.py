@@ -47,6 +47,7 @@ import offline_wheels  # noqa: E402  (standard library only)
 
 ROOT = offline_wheels.ROOT
 STEPS = ("gpu_tests", "kernels", "benchmarks", "train", "compile")
+BUDGET_S = 480  # the whole check on one H100/H200-class GPU
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ class Result:
     error: str = ""
 
     def table(self, title: str, rows: list[dict], columns: list[str] | None = None) -> None:
-        columns = columns or [k for k in rows[0] if not k.startswith("_")] if rows else []
+        if columns is None:  # every column but the raw numbers kept for computing (`_s`, `_bw`, ...)
+            columns = [k for k in rows[0] if not k.startswith("_")] if rows else []
         self.tables.append({"title": title, "columns": columns,
                             "rows": [{c: row.get(c, "-") for c in columns} for row in rows]})
 
@@ -449,7 +451,8 @@ def machine_line(ctx: Context) -> str:
 def render_markdown(header: dict, results: list[Result]) -> str:
     lines = [f"# gpu_check report ({'dry run on CPU' if header['dry_run'] else 'GPU'})", "",
              f"- command: `{header['command']}`", f"- machine: {header['machine']}", f"- started: {header['started']}",
-             f"- overall: **{header['overall']}**", ""]
+             f"- overall: **{header['overall']}**", f"- time: {header['seconds']:.0f} s (budget on a GPU: {BUDGET_S} s)",
+             ""]
     for r in results:
         lines += [f"## {r.name}: {r.status.upper()} ({r.seconds:.1f} s)", ""]
         if r.summary:
@@ -459,14 +462,16 @@ def render_markdown(header: dict, results: list[Result]) -> str:
         for table in r.tables:
             lines += [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
                       "|" + "---|" * len(table["columns"])]
-            lines += ["| " + " | ".join(str(row[c]) for c in table["columns"]) + " |" for row in table["rows"]]
+            lines += ["| " + " | ".join(str(row[c]).replace("|", "\\|") for c in table["columns"]) + " |"
+                      for row in table["rows"]]
             lines.append("")
     return "\n".join(lines)
 
 
 def write_report(out: Path, header: dict, results: list[Result]) -> None:
     failed = [r.name for r in results if r.status != "pass"]
-    header = {**header, "overall": f"FAIL ({', '.join(failed)})" if failed else "PASS"}
+    header = {**header, "overall": f"FAIL ({', '.join(failed)})" if failed else "PASS",
+              "seconds": sum(r.seconds for r in results)}
     (out / "report.json").write_text(json.dumps({**header, "steps": [r.__dict__ for r in results]}, indent=1))
     (out / "report.md").write_text(render_markdown(header, results))
 
