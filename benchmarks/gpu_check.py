@@ -1,7 +1,7 @@
 """Everything the GPU path still has to prove, in one command: tests, kernels, benchmarks, training, compile.
 
     python benchmarks/gpu_check.py --prepare                     # beforehand, with a package registry: .whl/
-    PYTHONPATH=. python benchmarks/gpu_check.py                  # on one H100/H200-class GPU: about 5 minutes
+    PYTHONPATH=. python benchmarks/gpu_check.py                  # on one H100/H200-class GPU: within 8 minutes
     python benchmarks/gpu_check.py --dry-run                     # the same steps on CPU (Triton interpreter)
 
 Steps, each recorded on its own (a failure does not stop the others; the exit status is 1 if any failed):
