@@ -46,6 +46,8 @@ from typing import Callable  # noqa: E402
 import offline_wheels  # noqa: E402  (standard library only)
 
 ROOT = offline_wheels.ROOT
+if str(ROOT) not in sys.path:  # mhc_lm and train.py from this checkout, with or without PYTHONPATH=.
+    sys.path.insert(1, str(ROOT))
 STEPS = ("gpu_tests", "kernels", "benchmarks", "train", "compile")
 BUDGET_S = 480  # the whole check on one H100/H200-class GPU
 

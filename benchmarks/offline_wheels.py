@@ -203,6 +203,9 @@ def prepare(wheel_dir: Path = WHEEL_DIR, constraints: Path = ROOT / "constraints
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise SystemExit(f"gpu_check --prepare: `{' '.join(command[2:4])}` failed: {last}")
+    if root in wheel_dir.resolve().parents and subprocess.run(["git", "-C", str(root), "check-ignore", "-q",
+                                                                str(wheel_dir)]).returncode != 0:
+        print(f"gpu_check --prepare: warning: git does not ignore {wheel_dir}; keep the wheels out of commits")
     wheels = sorted(p.name for p in wheel_dir.glob("*.whl"))
     print(f"gpu_check --prepare: {len(wheels)} wheels in {wheel_dir}: {', '.join(wheels)}")
     print(check_size(tree_bytes(root, exclude=wheel_dir), folder_bytes(wheel_dir)))
