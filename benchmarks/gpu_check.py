@@ -159,7 +159,7 @@ def step_gpu_tests(ctx: Context, result: Result) -> None:
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"]
     done = run_logged(command, ctx.out / "gpu_tests.log", ctx.plan.tests_timeout, "pytest -m gpu")
     result.summary = f"`pytest -m gpu tests`: {pytest_summary(done.stdout)} (log: gpu_tests.log)"
-    # 5: nothing collected. Without a GPU every gpu test is skipped (0); on the GPU none may be missing.
+    # Without a GPU every gpu test is skipped (exit 0); a failure, an error or nothing collected (5) fails the step.
     if done.returncode != 0:
         raise StepFailed(f"pytest exited {done.returncode}: {pytest_summary(done.stdout)}")
 
@@ -188,7 +188,11 @@ def pytorch_ops() -> dict[str, Callable]:
 
 
 def judge(kernel_error: float, pytorch_error: float, dtype: str) -> bool:
-    return kernel_error <= TOLERANCE[dtype] or kernel_error <= WORSE_THAN_PYTORCH * pytorch_error
+    """Within the dtype's tolerance, or no worse than the PyTorch path's own rounding on this input (finite)."""
+    if not kernel_error < float("inf"):  # NaN or inf: never, whatever the PyTorch path did
+        return False
+    relative = pytorch_error < float("inf") and kernel_error <= WORSE_THAN_PYTORCH * pytorch_error
+    return kernel_error <= TOLERANCE[dtype] or relative
 
 
 def step_kernels(ctx: Context, result: Result) -> None:
@@ -453,7 +457,8 @@ def machine_line(ctx: Context) -> str:
 def render_markdown(header: dict, results: list[Result]) -> str:
     lines = [f"# gpu_check report ({'dry run on CPU' if header['dry_run'] else 'GPU'})", "",
              f"- command: `{header['command']}`", f"- machine: {header['machine']}", f"- started: {header['started']}",
-             f"- overall: **{header['overall']}**", f"- time: {header['seconds']:.0f} s (budget on a GPU: {BUDGET_S} s)",
+             f"- overall: **{header['overall']}**",
+             f"- time: {header['seconds']:.0f} s (budget on a GPU: {BUDGET_S} s)",
              ""]
     for r in results:
         lines += [f"## {r.name}: {r.status.upper()} ({r.seconds:.1f} s)", ""]

@@ -82,6 +82,8 @@ def test_kernel_judgement_allows_the_tolerance_or_twice_the_pytorch_error():
     assert gpu_check.judge(9e-5, 1e-9, "float32") and not gpu_check.judge(3e-4, 1e-4, "float32")
     assert gpu_check.judge(3e-4, 2e-4, "float32")  # ill-conditioned input: no worse than PyTorch's own rounding
     assert gpu_check.judge(1.5e-2, 0.0, "bfloat16") and not gpu_check.judge(float("inf"), 1e-3, "bfloat16")
+    assert not gpu_check.judge(float("nan"), float("inf"), "float32")
+    assert not gpu_check.judge(1.0, float("inf"), "float32")  # the PyTorch path overflowed: no excuse
 
 
 def test_targets_from_triton_rows_and_the_peak_table():
