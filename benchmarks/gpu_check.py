@@ -418,7 +418,8 @@ def step_compile(ctx: Context, result: Result) -> None:
         return loss.item()
 
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)  # counts every break; fullgraph stops at one
+    with autocast:  # as training runs it; explain counts every break, fullgraph=True stops at the first
+        explained = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
     breaks = [str(getattr(b, "reason", b)).splitlines()[0] for b in explained.break_reasons]
     torch._dynamo.reset()
     # The CPU rehearsal traces with the eager backend (inductor's C++ build would take minutes on 2 cores).
