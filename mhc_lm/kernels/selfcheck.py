@@ -55,12 +55,14 @@ def sinkhorn_fp64(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return comb
 
 
-def coefficients_fp64(mixes, r, scale, base, n: int, iters: int, eps: float, hc_eps: float):
+def coefficients_fp64(mixes, r, scale, base, n: int, iters: int, eps: float, hc_eps: float,
+                      project: Callable = sinkhorn_fp64):
+    """The epilogue (SPEC 2.3-2.4) in the inputs' precision; `project` is the Sinkhorn (another one: gpu_check)."""
     pre_m, post_m, res_m = (mixes * r).split([n, n, n * n], dim=-1)
     base_pre, base_post, base_res = base.split([n, n, n * n])
     pre = torch.sigmoid(scale[0] * pre_m + base_pre) + hc_eps
     post = 2 * torch.sigmoid(scale[1] * post_m + base_post)
-    return pre, post, sinkhorn_fp64((scale[2] * res_m + base_res).unflatten(-1, (n, n)), iters, eps)
+    return pre, post, project((scale[2] * res_m + base_res).unflatten(-1, (n, n)), iters, eps)
 
 
 def collapse_fp64(h_pre, streams):
