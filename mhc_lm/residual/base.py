@@ -70,6 +70,7 @@ class Mixer(nn.Module):
 
     n: int
     kernel: str = "auto"  # residual.kernel (auto | triton | torch), set by `make_mixer`; see mhc_lm.kernels
+    signed: bool = False  # H_res may have negative entries by design: the spectral norm, not row sums, bounds it
 
     def mixing(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -87,6 +88,15 @@ class Mixer(nn.Module):
         """(h_pre, h_post, h_res) with h_res = comb^T in the paper's orientation (rows = forward gain)."""
         h_pre, h_post, comb = self.mixing(streams)
         return h_pre, h_post, comb.transpose(-1, -2)
+
+    def gate_scales(self) -> dict[str, float]:
+        """The learned gating factors of the dynamic part, as {scale_pre, scale_post, scale_res}; {} without."""
+        return {}
+
+    def sinkhorn_logits(self, streams: torch.Tensor) -> torch.Tensor | None:
+        """The per-token logits (B, T, k) this mixer hands to the Sinkhorn; None where H_res is not a Sinkhorn
+        projection (the diagnostics then report no logit range)."""
+        return None
 
 
 @dataclasses.dataclass
@@ -198,5 +208,8 @@ class GeneratedMixer(Mixer):
     def mixing(self, streams):
         pre, post, res_logit = self.generate(streams)
         return pre, post, self.project(res_logit)
+
+    def gate_scales(self) -> dict[str, float]:
+        return dict(zip(("scale_pre", "scale_post", "scale_res"), self.scale.detach().float().tolist()))
 
 
