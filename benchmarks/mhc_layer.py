@@ -4,7 +4,7 @@
     python benchmarks/mhc_layer.py --tokens 65536 --dim 256 --device cpu --repeat 3
 
 The mixer of SPEC sections 1-3 around an identity branch, so that only the mixing is measured: the
-coefficient generator (RMS, the matmul with `fn`, the epilogue with the Sinkhorn), the pre-collapse and
+coefficient generator (RMS, the matmul with `fn`, the epilogue with the Sinkhorn), the read and
 the post + residual write. Implementations:
   eager     `residual.kernel=torch`: the PyTorch path
   compile   torch.compile (inductor) of the PyTorch path

@@ -32,7 +32,7 @@ def apply_comb(comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     return torch.matmul(comb.transpose(-1, -2).to(streams.dtype), streams)
 
 
-def collapse_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+def read_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     """H_pre · x: the branch input, sum_j h_pre[j] * x[j]. h_pre (B, T, n), streams (B, T, n, C) -> (B, T, C)."""
     return (h_pre.unsqueeze(-1).to(streams.dtype) * streams).sum(dim=-2)
 
@@ -48,11 +48,11 @@ def write_streams(h_post: torch.Tensor, out: torch.Tensor, comb: torch.Tensor, s
 
 
 def stream_ops(kernel: str, streams: torch.Tensor):
-    """(collapse, write) for these streams: the fused Triton kernels (`mhc_lm.kernels.glue`) or the PyTorch
+    """(read, write) for these streams: the fused Triton kernels (`mhc_lm.kernels.glue`) or the PyTorch
     functions above, by `residual.kernel` and the device. The one dispatch point of the apply step."""
     if use_triton(kernel, streams, streams.shape[-2]):
         return glue_ops()
-    return collapse_streams, write_streams
+    return read_streams, write_streams
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,8 +80,8 @@ class Mixer(nn.Module):
 
     def forward(self, streams: torch.Tensor, branch: Branch) -> torch.Tensor:
         h_pre, h_post, comb = self.mixing(streams)
-        collapse, write = stream_ops(self.kernel, streams)
-        out = branch(collapse(h_pre, streams))
+        read, write = stream_ops(self.kernel, streams)
+        out = branch(read(h_pre, streams))
         return write(h_post, out, comb, streams)
 
     def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
