@@ -296,6 +296,47 @@ def test_readme_table_matches_the_code():
             assert params == (2 * 4 + mixer.num_res_logits) * (4 * 768 + 1) + 3, name
 
 
+# Forward FLOPs per token of one mixer, counted by hand for C = 16, n = 4 (n = 1 for the residual).
+# read + write: 2nC + (2nC + 2n^2 C) = 128 + 640 = 768.
+HAND_MIXER_FLOPS = {
+    "residual": 0,  # x + F(x), left out like the plain residual of 6N
+    "hc": 2 * 4 * 16 * (4 + 2) + 768,  # xb (n, C) @ W_m, W_r, W_b: n * (1 + n + 1) dot products of length C
+    # fn: (2n + n^2) = 24 outputs of n*C = 64 inputs -> 3072; Sinkhorn (20 iterations): softmax and eps
+    # 4 n^2 = 64, then 39 normalizations of 2 n^2 = 32 -> 1248
+    "mhc": 2 * 24 * 64 + 64 + 39 * 32 + 768,
+    # fn: (2n + 2 log2 n) = 12 outputs -> 1536; two 2x2 softmaxes at 8 FLOPs each = 16; Kronecker products:
+    # 1x1 by 2x2 (4 multiplies), then 2x2 by 2x2 (16) -> 20
+    "kromhc": 2 * 12 * 64 + 16 + 20 + 768,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_MIXER_FLOPS))
+def test_mixer_flops_per_token_match_a_hand_count(name):
+    mixer = make_mixer(name, 16, 1 if name == "residual" else 4, 0)
+    assert mixer.flops_per_token() == HAND_MIXER_FLOPS[name]
+
+
+def test_mfu_counts_each_variants_own_mixer_flops():
+    """flops_per_token (the MFU numerator) = the dense model's count + 3 x two mixers per block, each variant's own."""
+    from mhc_lm.metrics import flops_per_token
+    from mhc_lm.model import MhcConfig
+
+    def config(name, n, **options):
+        return MhcConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=64, residual={"name": name, "n": n, **options})
+
+    # By hand: attention 4 * 16^2 = 1024, SwiGLU 3 * 16 * 64 = 3072 per block, head 16 * 50 = 800;
+    # attention scores 12 * layers * C * seq_len.
+    dense = 6 * (3 * (1024 + 3072) + 800) + 12 * 3 * 16 * 32
+    assert flops_per_token(config("residual", 1), 32) == dense
+    for name in ("hc", "mhc", "kromhc"):
+        assert flops_per_token(config(name, 4), 32) == dense + 3 * 2 * 3 * HAND_MIXER_FLOPS[name], name
+    fewer_iterations = flops_per_token(config("mhc", 4, sinkhorn_iters=5), 32)  # 9 normalizations, not 39
+    assert fewer_iterations == dense + 3 * 2 * 3 * (HAND_MIXER_FLOPS["mhc"] - 30 * 32), "its own iterations"
+    counts = {name: flops_per_token(config(name, 1 if name == "residual" else 4), 32) for name in MIXERS}
+    assert len(set(counts.values())) == len(MIXERS), counts  # each variant its own count, not mHC's n^2 for all
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_thirty_steps_of_the_small_model_lower_the_loss(name, train_cli, tmp_path):

@@ -69,6 +69,7 @@ class Mixer(nn.Module):
     """
 
     n: int
+    dim: int  # the width C of one stream, set by `make_mixer`
     kernel: str = "auto"  # residual.kernel (auto | triton | torch), set by `make_mixer`; see mhc_lm.kernels
     signed: bool = False  # H_res may have negative entries by design: the spectral norm, not row sums, bounds it
 
@@ -88,6 +89,20 @@ class Mixer(nn.Module):
         """(h_pre, h_post, h_res) with h_res = comb^T in the paper's orientation (rows = forward gain)."""
         h_pre, h_post, comb = self.mixing(streams)
         return h_pre, h_post, comb.transpose(-1, -2)
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token of this mixer around its branch: making the coefficients
+        (`coefficient_flops`) and applying them (`apply_flops`). Training counts 3x (forward and backward),
+        as 6N counts the parameters' matmuls (docs/residual.md, "FLOPs")."""
+        return self.coefficient_flops() + self.apply_flops()
+
+    def coefficient_flops(self) -> int:
+        """Forward FLOPs per token of H_pre, H_post and comb from the streams."""
+        raise NotImplementedError
+
+    def apply_flops(self) -> int:
+        """The read H_pre · x (2nC) and the write H_post^T · out + H_res · x (2nC + 2n^2 C)."""
+        return 2 * self.n * (self.n + 2) * self.dim
 
     def gate_scales(self) -> dict[str, float]:
         """The learned gating factors of the dynamic part, as {scale_pre, scale_post, scale_res}; {} without."""
@@ -146,6 +161,14 @@ class GeneratedMixer(Mixer):
     def res_flops(n: int) -> int:
         """Approximate FLOPs per token of the projection P (the res block to comb), for the README table."""
         raise NotImplementedError
+
+    def projection_flops(self) -> int:
+        """FLOPs per token of this mixer's projection P (`res_flops` at its own options)."""
+        return self.res_flops(self.n)
+
+    def coefficient_flops(self) -> int:
+        """The generator's matmul, (2n + k) outputs of an n*C input, then the projection of the k res logits."""
+        return 2 * (2 * self.n + self.num_res_logits) * self.n * self.dim + self.projection_flops()
 
     def __init__(self, dim: int, n: int, layer_index: int, options: GeneratorOptions):
         super().__init__()
