@@ -83,11 +83,36 @@ def test_sinkhorn_kernel_other_iteration_counts(iters):
 
 def test_sinkhorn_dispatch_by_kernel_option():
     logits = torch.randn(5, 4, 4, device=DEVICE, requires_grad=True)
-    for kernel in ("triton", "torch", "auto"):
+    for kernel in ("triton", "torch"):  # the two code paths; `auto` picks one of them (next test)
         comb = sinkhorn(logits, kernel=kernel)
         torch.testing.assert_close(comb, sinkhorn_reference(logits), **FP32)
     # fp64 stays on the PyTorch path under auto (it is what the fp64 gradcheck checks).
     assert sinkhorn(logits.double(), kernel="auto").dtype == torch.float64
+
+
+def test_auto_resolves_to_torch_on_cpu_and_to_triton_on_cuda_with_triton(monkeypatch):
+    """`auto` is the kernels exactly for a CUDA tensor of at most 8 streams with triton installed: checked with
+    triton's availability patched both ways and a stand-in CUDA tensor, so it runs on any machine."""
+    from mhc_lm import kernels
+
+    residual_sinkhorn = sys.modules["mhc_lm.residual.sinkhorn"]  # the module (the package exports the function)
+    taken = []
+    monkeypatch.setattr(residual_sinkhorn, "sinkhorn_ops",
+                        lambda: (lambda *args: taken.append("triton") or sinkhorn_reference(*args), None))
+    cpu_logits = torch.randn(5, 4, 4)
+    sinkhorn(cpu_logits, kernel="auto")
+    assert taken == []  # CPU: PyTorch, though triton is installed and the interpreter may be on
+    sinkhorn(cpu_logits, kernel="triton")
+    assert taken == ["triton"]  # the probe sees the kernel path when it is taken
+
+    monkeypatch.setattr(selfcheck, "check_once", lambda device: None)
+    fake_cuda = type("FakeCuda", (), {"is_cuda": True, "device": torch.device("cuda")})()
+    for installed in (True, False):
+        monkeypatch.setattr(kernels, "_TRITON_AVAILABLE", installed)
+        assert kernels.use_triton("auto", fake_cuda, 4) is installed
+        assert kernels.use_triton("auto", torch.zeros(1), 4) is False
+    monkeypatch.setattr(kernels, "_TRITON_AVAILABLE", True)
+    assert kernels.use_triton("auto", fake_cuda, kernels.MAX_KERNEL_STREAMS + 1) is False
 
 
 # ---------------------------------------------------------------------------------------------
