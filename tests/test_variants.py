@@ -47,6 +47,17 @@ def logit_sets(mixer, dtype, seed=0):
     return {"random": random.to(dtype), "extreme": extreme.to(dtype), "near-permutation": near.to(dtype)}
 
 
+def assert_gradients_reach_everything(mixer, streams, out):
+    """Backward from a random projection of `out`: every parameter of the mixer gets a finite, non-zero
+    gradient, and the streams a finite one."""
+    (out * torch.randn_like(out)).sum().backward()
+    for pname, param in mixer.named_parameters():
+        assert param.grad is not None, pname
+        assert torch.isfinite(param.grad).all(), pname
+        assert param.grad.abs().sum() > 0, pname
+    assert torch.isfinite(streams.grad).all()
+
+
 @pytest.mark.parametrize("name,n", cases(BIRKHOFF))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_birkhoff_variants_are_exactly_doubly_stochastic(name, n, dtype):
@@ -184,12 +195,7 @@ def test_cayley_variants_send_gradients_to_every_connection_parameter(name, n, d
     streams.requires_grad_()
     out = mixer(streams, torch.nn.Linear(8, 8, dtype=dtype))
     assert out.dtype == dtype
-    (out * torch.randn_like(out)).sum().backward()
-    for pname, param in mixer.named_parameters():
-        assert param.grad is not None, pname
-        assert torch.isfinite(param.grad).all(), pname
-        assert param.grad.abs().sum() > 0, pname
-    assert torch.isfinite(streams.grad).all()
+    assert_gradients_reach_everything(mixer, streams, out)
 
 
 def test_orthostochastic_gradient_vanishes_only_at_the_identity():
@@ -255,12 +261,7 @@ def test_gradients_reach_every_connection_parameter_on_extreme_inputs(name, n):
         mixer.base[2 * n:] = (torch.rand(k) * 2 - 1) * 50
     streams = (torch.randn(2, 5, n, 8) * 10).requires_grad_()
     out = mixer(streams, torch.nn.Linear(8, 8))
-    (out * torch.randn_like(out)).sum().backward()
-    for pname, param in mixer.named_parameters():
-        assert param.grad is not None, pname
-        assert torch.isfinite(param.grad).all(), pname
-        assert param.grad.abs().sum() > 0, pname
-    assert torch.isfinite(streams.grad).all()
+    assert_gradients_reach_everything(mixer, streams, out)
 
 
 @pytest.mark.parametrize("name,n", cases(tuple(v for v in GENERATED if v != "ihc")))
