@@ -1,4 +1,4 @@
-"""Diagnostics (SPEC section 6): the math against hand-built matrices, the probe on every variant, the
+"""Diagnostics (docs/diagnostics.md): the math against hand-built matrices, the probe on every variant, the
 HC-vs-mHC composite gain signature, gradient norms, and the files and W&B keys a run leaves behind."""
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def test_auto_resolves_to_torch_on_cpu_and_to_triton_on_cuda_with_triton(monkeyp
 
 
 def epilogue_reference(mixes, r, scale, base, n, iters, eps, hc_eps):
-    """SPEC 2.3-2.4 written out with torch ops, from the same matmul output and r."""
+    """The generator's steps 3-4 (docs/residual.md, section 2) in torch ops, from the same matmul output and r."""
     mixes = mixes * r
     pre_m, post_m, res_m = mixes.split([n, n, n * n], dim=-1)
     base_pre, base_post, base_res = base.split([n, n, n * n])

@@ -1,4 +1,4 @@
-"""Every residual variant of SPEC section 3: its constraint set, its gradients, its training, its table."""
+"""Every residual variant of docs/residual.md: its constraint set, its gradients, its training, its table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the mHC hot path (SPEC section 5), and the rule that picks them.
+"""Fused Triton kernels for the mHC hot path (docs/sinkhorn.md), and the rule that picks them.
 
 What is fused (each forward and backward, fp32 in registers whatever the input dtype):
 

@@ -46,7 +46,7 @@ def kernel_ops() -> dict[str, Callable]:
 
 
 def sinkhorn_fp64(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """softmax over rows + eps, a column step, then iters - 1 (row, column) pairs (SPEC section 3)."""
+    """softmax over rows + eps, a column step, then iters - 1 (row, column) pairs (docs/sinkhorn.md)."""
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):

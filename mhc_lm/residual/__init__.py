@@ -1,4 +1,4 @@
-"""Residual mixers: one small module per variant behind `make_mixer` (see SPEC.md).
+"""Residual mixers: one small module per variant behind `make_mixer` (docs/residual.md).
 
 Importing this package registers every variant.
 """

@@ -3,7 +3,7 @@
 A mixer wraps one sublayer F (one attention or one MLP). Given the residual streams x of shape
 (B, T, n, C) and the branch F as a callable (B, T, C) -> (B, T, C), it returns
 
-    x_next = H_res · x + H_post^T · F(H_pre · x)                            (SPEC section 1)
+    x_next = H_res · x + H_post^T · F(H_pre · x)                            (docs/residual.md)
 
 THE CONVENTION. Like DeepSeek-V4 and `transformers`, we store `comb = H_res^T` and apply
 `comb^T @ x`. Row i of H_res (= column i of comb) is what new stream i reads, so row sums of H_res
@@ -116,7 +116,7 @@ class Mixer(nn.Module):
 
 @dataclasses.dataclass
 class GeneratorOptions:
-    """Initialization and numerics of the shared coefficient generator (SPEC section 2)."""
+    """Initialization and numerics of the shared coefficient generator (docs/residual.md, section 2)."""
 
     scale_init: float = 0.01  # the paper's gating factor
     fn_init_std: float = 0.02  # 0 gives a zero (purely static) start
@@ -132,7 +132,7 @@ RES_INITS = ("identity", "uniform")
 
 @dataclasses.dataclass
 class ResOptions(GeneratorOptions):
-    """A generator with a res block: how its bias starts (SPEC section 2, `base_res`).
+    """A generator with a res block: how its bias starts (docs/residual.md, section 2).
 
     identity: identity-leaning, H_res close to I at step 0 (how close: res_init_strength, whose
     meaning each variant documents); uniform: the centre of the variant's constraint set.
@@ -143,7 +143,7 @@ class ResOptions(GeneratorOptions):
 
 
 class GeneratedMixer(Mixer):
-    """A mixer whose coefficients come from the shared generator of SPEC section 2 (the mHC family).
+    """A mixer whose coefficients come from the shared generator of docs/residual.md, section 2 (the mHC family).
 
     Parameters keep DeepSeek-V4's names and layout, so its weights load 1:1: `fn` ((2n + k), n*C)
     with output rows ordered [pre (n) | post (n) | res (k)], `base` (2n + k) and `scale` (3), where
