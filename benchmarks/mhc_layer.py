@@ -3,8 +3,8 @@
     python benchmarks/mhc_layer.py                                  # 64K and 1M tokens, n = 4, width 1024
     python benchmarks/mhc_layer.py --tokens 65536 --dim 256 --device cpu --repeat 3
 
-The mixer of SPEC sections 1-3 around an identity branch, so that only the mixing is measured: the
-coefficient generator (RMS, the matmul with `fn`, the epilogue with the Sinkhorn), the pre-collapse and
+The mixer of docs/residual.md around an identity branch, so that only the mixing is measured: the
+coefficient generator (RMS, the matmul with `fn`, the epilogue with the Sinkhorn), the read and
 the post + residual write. Implementations:
   eager     `residual.kernel=torch`: the PyTorch path
   compile   torch.compile (inductor) of the PyTorch path

@@ -3,7 +3,7 @@
     python benchmarks/sinkhorn.py                                   # 64K and 1M tokens, n = 4, 20 iterations
     python benchmarks/sinkhorn.py --tokens 65536 --repeat 3 --device cpu
 
-Implementations (all the same function, SPEC section 3):
+Implementations (all the same function, docs/sinkhorn.md):
   eager     mhc_lm's PyTorch path: an autograd Function that keeps only the logits and recomputes the
             exact unrolled gradient (`sinkhorn(..., kernel="torch")`), what runs without the kernels
   autograd  the plain loop differentiated by autograd (`sinkhorn_reference`): keeps every iterate
