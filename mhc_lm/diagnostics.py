@@ -35,6 +35,7 @@ from torch import nn
 from .residual import Mixer
 from .residual.base import GeneratedMixer
 from .residual.hc import HcMixer
+from .run_dir import RunDir
 
 LOGIT_RANGE_LIMIT = 15.0  # a res_logit range above this risks Sinkhorn non-convergence (SPEC section 6)
 NEGATIVE_ENTRY = -1e-6  # entries below this are negative by design, not by rounding (e.g. "what is left" of a row)
@@ -311,7 +312,7 @@ def log_diagnostics(model: nn.Module, input_ids: torch.Tensor, step: int, run_di
                     tracker) -> DiagnosticsReport:
     """Probe, write RUN/diagnostics/step_N/ (JSON, .npz, PNGs) and send scalars, histograms, images to the tracker."""
     result = run_diagnostics(model, input_ids.to(next(model.parameters()).device), step)
-    images = result.write(Path(run_dir) / "diagnostics" / f"step_{step:06d}")
+    images = result.write(RunDir(run_dir).diagnostics_at(step))
     tracker.log(result.scalars(), step)
     tracker.log_media({f"diag_plots/{k}": v for k, v in images.items()},
                       {f"diag_hist/{k}": v for k, v in result.histograms.items()}, step)
