@@ -22,6 +22,7 @@ from torch import nn
 
 from ..data import eval_batches
 from ..residual import Mixer
+from ..run_dir import RunDir
 from .stats import (NEGATIVE_ENTRY, composite_stats, composites, h_res_stats, logit_stats, range_stats,
                     stream_stats)
 
@@ -169,7 +170,7 @@ def log_diagnostics(model: nn.Module, input_ids: torch.Tensor, step: int, run_di
                     tracker) -> DiagnosticsReport:
     """Probe, write RUN/diagnostics/step_N/ (JSON, .npz, PNGs) and send scalars, histograms, images to the tracker."""
     result = run_diagnostics(model, input_ids.to(next(model.parameters()).device), step)
-    images = result.write(Path(run_dir) / "diagnostics" / f"step_{step:06d}")
+    images = result.write(RunDir(run_dir).diagnostics_at(step))
     tracker.log(result.scalars(), step)
     tracker.log_media({f"diag_plots/{k}": v for k, v in images.items()},
                       {f"diag_hist/{k}": v for k, v in result.histograms.items()}, step)
