@@ -4,6 +4,8 @@ generation and the probe never recompute; bad values are refused; the transforme
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 
@@ -151,7 +153,9 @@ def test_gradient_checkpointing_enable_is_full_and_disable_is_none():
 
 
 def test_the_exported_remote_code_turns_checkpointing_on(tmp_path):
-    from transformers import AutoModelForCausalLM
+    """Where mhc_lm is not installed: the bundled code's gradient_checkpointing_enable() gives `full`, with
+    the gradients of the same export without it."""
+    from test_export import isolated_python
 
     from mhc_lm.export import save_export
 
@@ -159,11 +163,26 @@ def test_the_exported_remote_code_turns_checkpointing_on(tmp_path):
         def save_pretrained(self, folder):
             pass
 
-    save_export(tiny(), NoTokenizer(), tmp_path)
-    assert (tmp_path / "residual_recompute.py").exists()
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
-    assert type(loaded).__module__ != MhcForCausalLM.__module__  # the bundled code, not the package
-    loaded.train()
-    loaded.gradient_checkpointing_enable()
-    assert loaded.config.activation_checkpointing == "full"
-    assert_same(loss_and_grads(loaded, [batch()]), loss_and_grads(tiny(), [batch()]))
+    export = tmp_path / "export"
+    save_export(tiny(), NoTokenizer(), export)
+    assert (export / "residual_recompute.py").exists()
+    script = textwrap.dedent(f"""
+        import importlib.util
+        import torch
+        assert importlib.util.find_spec("mhc_lm") is None
+        from transformers import AutoModelForCausalLM
+        ids = torch.tensor({batch().tolist()})
+
+        def grads(checkpointing):
+            model = AutoModelForCausalLM.from_pretrained({str(export)!r}, trust_remote_code=True).train()
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+                assert model.config.activation_checkpointing == "full" and model.is_activation_checkpointing
+            model(ids, labels=ids).loss.backward()
+            return [p.grad for p in model.parameters()]
+
+        assert all(torch.equal(a, b) for a, b in zip(grads(True), grads(False)))
+        print("exact")
+    """)
+    result = isolated_python(script, tmp_path)
+    assert result.returncode == 0 and "exact" in result.stdout, result.stderr[-3000:]
