@@ -6,7 +6,8 @@
 For each model (12 layers x d_model 1024, and the default small model), each residual and each
 `trainer.activation_checkpointing` (none | mhc | full): the activation bytes per token (the storages kept
 alive after a training forward, `mhc_lm.activations`: device-independent), on a GPU also the peak of
-`torch.cuda.max_memory_allocated` over a step, and the median forward + backward time. Ratios from this
+`torch.cuda.max_memory_allocated` over a step, and the median forward + backward time (on CPU: the
+process's CPU time, steadier than the wall clock on a shared machine). Ratios from this
 one run: bytes against the plain residual without recompute, bytes and time against the same residual
 without recompute. Targets: mHC with `mhc` at most 1.15x the residual's bytes (none) and within 1.10x of
 mHC's step time (none); `full` at most 0.35x of the bytes without recompute.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -66,12 +68,20 @@ def measure(model: str, residual: str, args, device) -> list[dict]:
 
 
 def round_robin(steps, device, args) -> list[float]:
-    """Median seconds of each step over `args.steps` rounds, after `args.warmup` rounds."""
+    """Median seconds of each step over `args.steps` rounds, after `args.warmup` rounds. On CPU the seconds
+    are this process's CPU time (all its threads), which other jobs on a shared machine disturb less
+    than the wall clock."""
     times = [[] for _ in steps]
     for _ in range(args.warmup + args.steps):
         for i, step in enumerate(steps):
-            times[i].append(timed(step, device, 0, 1))
+            times[i].append(timed(step, device, 0, 1) if device.type == "cuda" else cpu_seconds(step))
     return [statistics.median(t[args.warmup:]) for t in times]
+
+
+def cpu_seconds(step) -> float:
+    started = time.process_time()
+    step()
+    return time.process_time() - started
 
 
 def add_ratios(rows: list[dict]) -> None:
