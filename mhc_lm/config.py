@@ -78,7 +78,7 @@ class TrainerConfig:
     export: bool = True  # write a Hugging Face model (with the tokenizer) at the end
     num_threads: Optional[int] = None  # torch CPU threads; None: torch's default
     stop_at_step: Optional[int] = None  # checkpoint and stop here, as a preemption would (the schedule keeps max_steps)
-    activation_checkpointing: str = "mhc"  # none | mhc (the paper's glue recompute) | full (every block)
+    activation_checkpointing: str = "none"  # none | mhc (the paper's glue recompute) | full (every block)
     recompute_group: Optional[int] = None  # sublayers per `mhc` group; None: the paper's sqrt(nL / (n + 2))
 
 
