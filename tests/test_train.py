@@ -109,6 +109,8 @@ def test_resume_from_an_incompatible_checkpoint_is_refused(train_cli, tmp_path):
     ("residual.sinkhorn_iters=0", "error: residual.sinkhorn_iters=0"),
     ("data.seq_len=512", "error: data.seq_len=512: longer than the model's context"),
     ("data=local", "error: data.files=[]"),
+    ("trainer.activation_checkpointing=blocks", "error: trainer.activation_checkpointing='blocks': allowed: none, mhc, full"),
+    ("trainer.recompute_group=0", "error: trainer.recompute_group=0: allowed: a number >= 1"),
 ])
 def test_bad_config_stops_before_any_work(train_cli, tmp_path, override, message):
     extra = ["data.files=[]"] if override == "data=local" else []
