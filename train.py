@@ -119,7 +119,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
-    from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+    from mhc_lm.checkpoint import load_checkpoint, prepare_resume, save_checkpoint
     from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
     from mhc_lm.diagnostics import GradNorms, log_diagnostics, probe_batch
     from mhc_lm.distributed import Preemption, check_rendezvous_env, engine_name, parameter_count
@@ -136,9 +136,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     quiet_libraries()
     tcfg = cfg.trainer
     run_config = {"model": dataclasses.asdict(cfg.model), "residual": dict(cfg.residual)}
-    checkpoint = resolve_resume(tcfg.resume, run_dir)
-    if checkpoint is not None:
-        check_compatible(checkpoint, run_config)
+    # an intact checkpoint this run can continue (its manifest, model and process count), or None
+    checkpoint = prepare_resume(tcfg.resume, run_dir, run_config, int(os.environ.get("WORLD_SIZE", "1")))
     hub = cfg.hub
     if tcfg.export or hub.push:
         check_bundle()  # the export's modeling code: a bundling problem shows now, not after training

@@ -4,7 +4,7 @@ with: a leaf module that every layer may import.
 | exit code | meaning |
 |---|---|
 | 0 | done |
-| 1 | a bug: Python's traceback |
+| 1 | failed during work: a bug (Python's traceback), or the environment (a full disk: one line) |
 | 2 | bad input found before any work (config value, file, path, launch environment): one line on stderr |
 """
 
@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
 class MhcError(Exception):
     """An expected failure: `mhc_lm.cli` prints `prefix: message` as one line and exits with `exit_code`."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
     prefix = "error"
 
 
@@ -40,3 +41,9 @@ def check_choice(option: str, value: Any, choices) -> None:
 def check_min(option: str, value: Any, minimum: int | float) -> None:
     if value is None or value < minimum:
         fail(option, value, f"allowed: a number >= {minimum}")
+
+
+class DiskFullError(MhcError):
+    """The disk filled up during work (a checkpoint): one line saying where, how much was needed and is free."""
+
+    exit_code = EXIT_FAILED
