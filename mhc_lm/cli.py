@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import ConfigError, MhcError
+from .errors import ConfigError, MhcError, check_writable_dir
 
 
 def one_line(text: str) -> str:
@@ -239,14 +239,4 @@ def expected_type_words(hint) -> str:
 
 def check_output_dir(path: Path, option: str) -> None:
     """The run directory must be creatable and writable: its nearest existing ancestor is a writable directory."""
-    path = Path(path).expanduser()
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"{option}={str(path)!r}: {existing} is a file, not a directory; allowed: a directory "
-                          "path (existing or creatable)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option}={str(path)!r}: {existing} is not writable; allowed: a directory you can write")
+    check_writable_dir(option, path)
