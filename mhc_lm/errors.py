@@ -41,7 +41,7 @@ def check_choice(option: str, value: Any, choices) -> None:
 
 
 def check_min(option: str, value: Any, minimum: int | float) -> None:
-    if value is None or value < minimum:
+    if value is None or not value >= minimum:  # `not >=`: NaN is refused too
         fail(option, value, f"allowed: a number >= {minimum}")
 
 
