@@ -34,10 +34,9 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from .config import ModelConfig
 from .data import DataConfig, load_data_tokenizer
 from .errors import ConfigError, DiskFullError
-from .model import MhcConfig, MhcForCausalLM, build_config
+from .model import MhcConfig, MhcForCausalLM
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TMP_PREFIX = ".tmp-"
@@ -280,17 +279,17 @@ def read_trainer_state(checkpoint: str | Path) -> dict:
 def load_model_from_checkpoint(checkpoint: str | Path):
     """(model in eval mode, tokenizer) from a training checkpoint's weights, on the CPU in fp32.
 
-    The architecture comes from the checkpoint's `config.json`; checkpoints written before it was saved
-    fall back on `run_config.json` plus the embedding's shape. The tokenizer comes from the checkpoint,
-    else from the run's export, else from the run's Hydra config (the cached BPE).
+    The architecture comes from the checkpoint's `config.json` (every checkpoint since 0.1.0 has one).
+    The tokenizer comes from the checkpoint, else from the run's export, else from the run's Hydra
+    config (the cached BPE).
     """
     checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise ConfigError(f"{checkpoint}: no config.json, which every checkpoint of mhc-lm >= 0.1.0 has; allowed: "
+                          "a checkpoint written by mhc-lm >= 0.1.0")
     state = {strip_wrapper_prefix(k): v for k, v in checkpoint_weights(checkpoint).items()}
     tokenizer = checkpoint_tokenizer(checkpoint)
-    if (checkpoint / "config.json").exists():
-        config = MhcConfig.from_pretrained(checkpoint)
-    else:
-        config = config_from_run_config(checkpoint, state["model.embed_tokens.weight"].shape[0], tokenizer.eos_token_id)
+    config = MhcConfig.from_pretrained(checkpoint)
     model = MhcForCausalLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -328,11 +327,6 @@ def strip_wrapper_prefix(key: str) -> str:
         while key.startswith(prefix):
             key = key[len(prefix):]
     return key
-
-
-def config_from_run_config(checkpoint: Path, vocab_size: int, eos_token_id: int | None):
-    saved = json.loads((checkpoint / "run_config.json").read_text())
-    return build_config(ModelConfig(**saved["model"]), saved["residual"], vocab_size, eos_token_id)
 
 
 def run_hydra_config(run_dir: str | Path):
