@@ -119,10 +119,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from accelerate.utils import DistributedType, set_seed
     from tqdm.auto import tqdm
 
-    from mhc_lm.checkpoint import load_checkpoint, prepare_resume, save_checkpoint
+    from mhc_lm.checkpoint import load_checkpoint, save_checkpoint
     from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
     from mhc_lm.diagnostics import GradNorms, log_diagnostics, probe_batch
-    from mhc_lm.distributed import Preemption, check_rendezvous_env, engine_name, parameter_count
+    from mhc_lm.distributed import Preemption, engine_name, parameter_count
     from mhc_lm.export import check_bundle, export_model
     from mhc_lm.hub import check_push_access, push
     from mhc_lm.kernels import check_before_training
@@ -131,13 +131,13 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from mhc_lm.optim import build_optimizer, lr_at, set_lr
     from mhc_lm.tracking import Tracker
 
-    # 1. Everything that can be checked without doing work.
-    validate(cfg)
+    from mhc_lm.preflight import check_train, run_config
+
+    # 1. Everything that can be checked without doing work: options, launch environment, and an intact
+    #    checkpoint this run can continue (its manifest, model and process count), or None.
+    checkpoint = check_train(cfg, run_dir)
     quiet_libraries()
     tcfg = cfg.trainer
-    run_config = {"model": dataclasses.asdict(cfg.model), "residual": dict(cfg.residual)}
-    # an intact checkpoint this run can continue (its manifest, model and process count), or None
-    checkpoint = prepare_resume(tcfg.resume, run_dir, run_config, int(os.environ.get("WORLD_SIZE", "1")))
     hub = cfg.hub
     if tcfg.export or hub.push:
         check_bundle()  # the export's modeling code: a bundling problem shows now, not after training
@@ -145,7 +145,6 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
         check_push_access(hub.repo, option="hub.repo")  # a token that can write, before hours of training
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    check_rendezvous_env()
     accelerator, grad_accum, precision = make_accelerator(cfg)
     # The kernels' self-check on this GPU: a failure is one line here, not a crash inside a step.
     check_before_training(cfg.residual.get("kernel", "auto"), cfg.residual["n"], accelerator.device)
@@ -201,7 +200,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     probe = probe_batch(data.validation, cfg.data.seq_len, cfg.logger.diag_batch_size)
 
     def checkpoint_now() -> None:
-        saved = save_checkpoint(accelerator, run_dir, step, trainer_state(), loader.state_dict(), run_config,
+        saved = save_checkpoint(accelerator, run_dir, step, trainer_state(), loader.state_dict(), run_config(cfg),
                                 tcfg.keep_last, model_config=model_config, tokenizer=data.tokenizer)
         if hub.push_checkpoints and is_main:
             url = push(str(saved), hub.repo, private=hub.private, revision=f"step-{step}", option="hub.repo")

@@ -42,18 +42,26 @@ def reported() -> Iterator[None]:
 
 def run(hydra_main: Callable[[], Any], config_name: str, check: Optional[Callable[[Any], None]] = None,
         output_option: str = "trainer.output_dir") -> None:
-    """Check sys.argv's overrides (composition, output directory, `check(cfg)`), then call `hydra_main`.
+    """Check sys.argv's overrides (`check_command_line`), then call `hydra_main`.
 
     Command lines with Hydra flags (--help, --cfg, -m, ...) go to Hydra unchecked."""
     overrides = sys.argv[1:]
     if not any(arg.startswith("-") for arg in overrides):
         with reported():
-            cfg, run_dir = compose_checked(config_name, overrides)
-            explicit_dir = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in overrides)
-            check_output_dir(run_dir, "hydra.run.dir" if explicit_dir else output_option)
-            if check is not None:
-                check(cfg)
+            check_command_line(config_name, overrides, check, output_option)
     hydra_main()
+
+
+def check_command_line(config_name: str, overrides: list[str], check: Optional[Callable[[Any], None]] = None,
+                       output_option: str = "trainer.output_dir"):
+    """Composition, the output directory (before Hydra creates it) and `check(cfg)`; returns (cfg, run_dir).
+    Raises the MhcError `run` reports."""
+    cfg, run_dir = compose_checked(config_name, overrides)
+    explicit_dir = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in overrides)
+    check_output_dir(run_dir, "hydra.run.dir" if explicit_dir else output_option)
+    if check is not None:
+        check(cfg)
+    return cfg, run_dir
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,15 +56,31 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size() -> int:
+    """The launcher's WORLD_SIZE (1 when not launched distributed); ConfigError if it is not a count."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"environment WORLD_SIZE={value!r}: not a process count; allowed: an integer >= 1 "
+                          "(set by torchrun, accelerate launch or SLURM), or unset")
+    return int(value)
+
+
 def check_rendezvous_env() -> None:
     """A distributed launch (WORLD_SIZE > 1) must say where to meet; name what is missing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return
     missing = [v for v in RENDEZVOUS_VARS if not os.environ.get(v)]
     if missing:
         raise ConfigError(f"environment {missing[0]}=<unset>: WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a "
                           f"distributed run, which also needs {', '.join(RENDEZVOUS_VARS)}; launch with "
                           "torchrun, accelerate launch or launch/slurm/train.sbatch, which set them")
+    for var in ("RANK", "LOCAL_RANK", "MASTER_PORT"):
+        if not os.environ[var].isdigit():
+            raise ConfigError(f"environment {var}={os.environ[var]!r}: not an integer; allowed: an integer "
+                              "(set by the launcher)")
+    if int(os.environ["RANK"]) >= world_size():
+        raise ConfigError(f"environment RANK={os.environ['RANK']}: not below WORLD_SIZE={world_size()}; allowed: "
+                          f"0..{world_size() - 1}")
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
