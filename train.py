@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     from mhc_lm.checkpoint import load_checkpoint, save_checkpoint
     from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
     from mhc_lm.diagnostics import GradNorms, log_diagnostics, probe_batch
-    from mhc_lm.distributed import Preemption, engine_name, parameter_count
+    from mhc_lm.distributed import Preemption, engine_name, parameter_count, report_stop
     from mhc_lm.export import check_bundle, export_model
     from mhc_lm.hub import check_push_access, push
     from mhc_lm.kernels import check_before_training
@@ -250,10 +250,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     progress.close()
     if step < tcfg.max_steps:
         tracker.finish()
+        report_stop(accelerator, run_dir, step, tcfg.max_steps, preemption)  # exits 75 on a preemption
         accelerator.end_training()
-        why = f"on {preemption.received}" if preemption.received else "at trainer.stop_at_step"
-        accelerator.print(f"run dir: {run_dir} | stopped {why} at step {step} of {tcfg.max_steps}, checkpoint saved; "
-                          f"continue with: python train.py hydra.run.dir={run_dir} trainer.resume=auto")
         return val_loss
 
     # 5. The final model as a Hugging Face export (tokenizer and modeling code included), and its upload.

@@ -19,9 +19,11 @@ rank was signalled (one all-reduce), all save a checkpoint, and the run exits cl
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -202,10 +204,15 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 -> checkpoint at the end of the step, on every rank, then exit cleanly."""
+    """SIGTERM / SIGUSR1 -> checkpoint at the end of the step, on every rank, then exit cleanly.
+
+    `received` is the signal this rank got; `cause` the signal any rank got, the same on every rank once
+    `requested` has said True (a rank that was not signalled still names the real cause)."""
 
     def __init__(self, signals: tuple[str, ...] = PREEMPT_SIGNALS):
+        self.signals = signals
         self.received: str | None = None
+        self.cause: str | None = None
         for name in signals:
             signal.signal(getattr(signal, name), self._handle)
 
@@ -215,6 +222,85 @@ class Preemption:
               file=sys.stderr, flush=True)
 
     def requested(self, accelerator) -> bool:
-        """True on every rank when any rank was signalled (one all-reduce of a flag)."""
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        """True on every rank when any rank was signalled (one all-reduce of a flag per signal)."""
+        flags = torch.tensor([float(self.received == name) for name in self.signals], device=accelerator.device)
+        counts = accelerator.reduce(flags, reduction="sum").tolist()
+        caught = [name for name, count in zip(self.signals, counts) if count > 0]
+        self.cause = self.cause or (caught[0] if caught else None)
+        return bool(caught)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping early: how the run ends, and how to continue it
+
+STOPPED_FILE = "stopped.json"  # RUN/stopped.json: why and where the run stopped early (launch/*.sh read `cause`)
+CONTINUE_SCRIPT = "continue.sh"  # RUN/continue.sh: the command that continues the run, launcher included
+RUN_SPECIFIC = ("hydra.run.dir", "trainer.run_name", "trainer.resume", "trainer.stop_at_step")
+
+
+def under_elastic_agent() -> bool:
+    """Launched by torchrun or accelerate launch: the agent counts a non-zero exit as a failure."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def launcher_prefix() -> list[str]:
+    """The command up to and including the training script: the elastic agent's own command line (torchrun,
+    accelerate launch) when there is one, else this interpreter."""
+    script = os.path.abspath(sys.argv[0])
+    if under_elastic_agent():
+        with contextlib.suppress(OSError):
+            parent = open(f"/proc/{os.getppid()}/cmdline", "rb").read().split(b"\0")
+            argv = [a.decode() for a in parent if a]
+            at = next((i for i, a in enumerate(argv) if os.path.basename(a) == os.path.basename(script)), None)
+            if at is not None:
+                return [*argv[:at], script]
+    return [sys.executable, script]
+
+
+def continue_command(run_dir: Path) -> list[str]:
+    """This run's command line with its own overrides, continuing in `run_dir` from its newest checkpoint."""
+    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") not in RUN_SPECIFIC]
+    return [*launcher_prefix(), *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+
+
+CARRIED_ENV = ("PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "MHC_LM_CACHE", "CUDA_VISIBLE_DEVICES",
+               "HF_HOME", "WANDB_MODE")
+
+
+def write_stop_record(run_dir: Path, step: int, cause: str) -> Path:
+    """RUN/continue.sh (the exact command, run from the same directory with the same launcher) and
+    RUN/stopped.json; rank 0 calls it when the run stops before trainer.max_steps."""
+    import json
+    import shlex
+
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in CARRIED_ENV if k in os.environ]
+    script = Path(run_dir) / CONTINUE_SCRIPT
+    script.write_text("#!/bin/bash\n# Continue this run from its newest intact checkpoint (written when it stopped).\n"
+                      f"cd {shlex.quote(os.getcwd())}\nexec {' '.join(['env', *env]) + ' ' if env else ''}"
+                      f"{shlex.join(continue_command(Path(run_dir)))}\n")
+    script.chmod(0o755)
+    record = {"step": step, "cause": cause, "continue": str(script)}
+    (Path(run_dir) / STOPPED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return script
+
+
+def clear_stop_record(run_dir: Path) -> None:
+    """A run that goes on is no longer stopped (rank 0, at the start)."""
+    (Path(run_dir) / STOPPED_FILE).unlink(missing_ok=True)
+
+
+def report_stop(accelerator, run_dir: Path, step: int, max_steps: int, preemption: Preemption) -> None:
+    """Say why the run stopped early (the same cause on every rank), write RUN/continue.sh, and on a preemption
+    end with EXIT_PREEMPTED, except under an elastic agent (a non-zero worker is a failure to it: the launch
+    scripts read RUN/stopped.json instead)."""
+    from .errors import EXIT_PREEMPTED
+
+    cause = preemption.cause or "trainer.stop_at_step"
+    if accelerator.is_main_process:
+        write_stop_record(run_dir, step, cause)
+    accelerator.wait_for_everyone()
+    why = f"on {cause}" if preemption.cause else "at trainer.stop_at_step"
+    accelerator.print(f"run dir: {run_dir} | stopped {why} at step {step} of {max_steps}, checkpoint saved; "
+                      f"continue with: bash {Path(run_dir) / CONTINUE_SCRIPT}")
+    if preemption.cause and not under_elastic_agent():
+        raise SystemExit(EXIT_PREEMPTED)

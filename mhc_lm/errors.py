@@ -6,6 +6,7 @@ with: a leaf module that every layer may import.
 | 0 | done |
 | 1 | failed during work: a bug (Python's traceback), or the environment (a full disk: one line) |
 | 2 | bad input found before any work (config value, file, path, launch environment): one line on stderr |
+| 75 | preempted (SIGTERM / SIGUSR1): every rank checkpointed; RUN/continue.sh continues the run |
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: try again later; what a scheduler requeues on
 
 
 class MhcError(Exception):

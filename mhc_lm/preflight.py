@@ -10,7 +10,7 @@ from typing import Optional
 
 from .checkpoint import prepare_resume
 from .config import TrainConfig, validate
-from .distributed import check_rendezvous_env, resolve_grad_accum, world_size
+from .distributed import check_rendezvous_env, clear_stop_record, process_rank, resolve_grad_accum, world_size
 
 
 def run_config(cfg: TrainConfig) -> dict:
@@ -23,7 +23,10 @@ def check_train(cfg: TrainConfig, run_dir: str | Path) -> Optional[Path]:
     validate(cfg)
     check_rendezvous_env()
     resolve_grad_accum(cfg, world_size())
-    return prepare_resume(cfg.trainer.resume, run_dir, run_config(cfg), world_size())
+    checkpoint = prepare_resume(cfg.trainer.resume, run_dir, run_config(cfg), world_size())
+    if process_rank() == 0:
+        clear_stop_record(run_dir)  # this run goes on
+    return checkpoint
 
 
 __all__ = ["check_train", "run_config"]
