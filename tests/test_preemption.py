@@ -95,3 +95,33 @@ def test_a_preempted_run_exits_75_and_its_continue_script_finishes_it_exactly(ti
 
     reference, found = losses(tiny_run), losses(run_dir)
     assert [found[s] for s in range(stopped["step"] + 1, 9)] == [reference[s] for s in range(stopped["step"] + 1, 9)]
+
+
+@pytest.mark.slow
+def test_torchrun_script_preempted_on_two_ranks_exits_75_without_a_traceback(cache_dir, tmp_path):
+    """USR1 to launch/torchrun.sh: both ranks checkpoint, the script exits 75 with one line, no elastic
+    traceback; RUN/continue.sh (torchrun with the run's overrides) finishes the run."""
+    run_dir = tmp_path / "torchrun"
+    args = [*TINY_RUN, f"data.cache_dir={cache_dir}", "trainer.max_steps=40", "trainer.ckpt_every=0",
+            "trainer.eval_every=40", "trainer.export=false"]
+    env = {**os.environ, "NPROC_PER_NODE": "2", "RUN_DIR": str(run_dir), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(["bash", "launch/torchrun.sh", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert "[rank 0] received SIGUSR1" in err and "[rank 1] received SIGUSR1" in err
+    assert err.strip().splitlines()[-1].startswith("preempted: every rank checkpointed")
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["cause"] == "SIGUSR1" and f"stopped on SIGUSR1 at step {stopped['step']} of 40" in out
+    command = (run_dir / "continue.sh").read_text().splitlines()[-1]
+    assert "--nproc_per_node 2" in command and f"hydra.run.dir={run_dir}" in command and "trainer.max_steps=40" in command
+    resumed = subprocess.run(["bash", str(run_dir / "continue.sh")], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed from {run_dir / 'checkpoints' / 'step_'}" in resumed.stdout + resumed.stderr
