@@ -20,7 +20,9 @@ rank was signalled (one all-reduce), all save a checkpoint, and the run exits cl
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import EXIT_PREEMPTED, ConfigError
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -270,9 +272,6 @@ CARRIED_ENV = ("PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "MHC_L
 def write_stop_record(run_dir: Path, step: int, cause: str) -> Path:
     """RUN/continue.sh (the exact command, run from the same directory with the same launcher) and
     RUN/stopped.json; rank 0 calls it when the run stops before trainer.max_steps."""
-    import json
-    import shlex
-
     env = [f"{k}={shlex.quote(os.environ[k])}" for k in CARRIED_ENV if k in os.environ]
     script = Path(run_dir) / CONTINUE_SCRIPT
     script.write_text("#!/bin/bash\n# Continue this run from its newest intact checkpoint (written when it stopped).\n"
@@ -293,8 +292,6 @@ def report_stop(accelerator, run_dir: Path, step: int, max_steps: int, preemptio
     """Say why the run stopped early (the same cause on every rank), write RUN/continue.sh, and on a preemption
     end with EXIT_PREEMPTED, except under an elastic agent (a non-zero worker is a failure to it: the launch
     scripts read RUN/stopped.json instead)."""
-    from .errors import EXIT_PREEMPTED
-
     cause = preemption.cause or "trainer.stop_at_step"
     if accelerator.is_main_process:
         write_stop_record(run_dir, step, cause)
