@@ -162,3 +162,14 @@ def test_a_run_resumes_exactly_from_the_intact_checkpoint_before_a_damaged_one(t
     first = dict(losses[:8])  # the original run's steps 1..8, then the resumed steps 5..8
     assert [s for s, _ in losses[8:]] == [5, 6, 7, 8] and all(first[s] == loss for s, loss in losses[8:])
     assert checkpoint_damage(run_dir / "checkpoints" / "step_000008") is None  # saved again, intact
+
+
+def test_eval_and_the_hub_refuse_a_damaged_checkpoint_naming_the_file(tmp_path):
+    from mhc_lm.model_sources import resolve_sources
+
+    path = save(tmp_path, 4)
+    assert resolve_sources(str(path))[0].step == 4
+    truncate(path / "trainer_state.json")
+    for spec in (str(path), str(tmp_path)):  # the checkpoint, or the run directory standing for its newest
+        with pytest.raises(ConfigError, match=r"^models='.*step_000004': damaged checkpoint, trainer_state.json: "):
+            resolve_sources(spec)
