@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import common  # noqa: F401  (puts the checkout on sys.path: train.py is a script at the root)
-from train import make_accelerator, train_step
+from mhc_lm.training import Backward, due, make_accelerator, train_step
 
 
 def compose(overrides: list[str]):
@@ -103,14 +103,14 @@ class Bench:
             started = time.perf_counter()
             set_lr(optimizer, lr_at(step - 1, self.cfg.optim, steps))
             loss, grad_norm, _, group_norms = train_step(model, optimizer, self.batches(loader), self.accelerator,
-                                                         self.cfg.optim.grad_clip, grad_norms)
+                                                         self.cfg.optim.grad_clip, Backward(self.accelerator, grad_norms))
             metrics = dict(group_norms)
-            if step % log_every == 0 or step == steps:
+            if due(step, log_every, steps):
                 metrics.update({"train/loss": loss, "train/grad_norm": grad_norm})
             if metrics:
                 tracker.log(metrics, step)
             times["step"].append(time.perf_counter() - started)
-            if diagnostics and (step % every == 0 or step == steps):
+            if diagnostics and due(step, every, steps):
                 probe(self.accelerator.unwrap_model(model), self.probe, step, run_dir, tracker)
         times["run"].append(time.perf_counter() - run_started)
         tracker.finish()

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                                   # on the GPU: batch 8 x 1024 tokens, bf16
     python benchmarks/train_step.py --batch 1 --seq-len 128 --steps 3 --device cpu
 
-One full optimizer step as train.py takes it (`train.train_step`: autocast forward, backward, clipping,
+One full optimizer step as train.py takes it (`mhc_lm.training.train_step`: autocast forward, backward, clipping,
 AdamW) on random tokens, for each residual: the median tokens/s over `--steps` steps after `--warmup`,
 and the ratio mHC / residual (ratios from one run). The residual options are the shipped YAMLs
 (`conf/residual/*.yaml`); `--kernel` overrides mHC's `residual.kernel` (auto: the Triton kernels on a GPU).
@@ -29,7 +29,7 @@ def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float
     from mhc_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig, validate
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer
-    from train import make_accelerator, train_step
+    from mhc_lm.training import make_accelerator, train_step
 
     model_cfg = ModelConfig(name="bench", d_model=1024, n_layers=12, n_heads=16, max_seq_len=args.seq_len)
     cfg = TrainConfig(model=model_cfg, residual=residual, data=DataConfig(seq_len=args.seq_len), optim=OptimConfig(),
