@@ -204,7 +204,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     tmp = root / f"{TMP_PREFIX}step_{step:06d}"
     try:
         write_checkpoint(accelerator, tmp, trainer_state, data_state, run_config, model_config, tokenizer)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # noqa: BLE001  (torch, safetensors and DeepSpeed each wrap a full disk their own way)
         full = disk_full(err, tmp, run_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         if full is None:
@@ -243,7 +243,8 @@ def write_checkpoint(accelerator, tmp: Path, trainer_state: dict, data_state: di
 
 def disk_full(err: BaseException, tmp: Path, run_dir: str | Path) -> Optional[DiskFullError]:
     """A DiskFullError if `err` came from a full disk: ENOSPC itself, or (torch's writer wraps it in a
-    RuntimeError about positions) less space left than the checkpoint needs; None for any other error."""
+    RuntimeError about positions, safetensors in its own SafetensorError) less space left than the
+    checkpoint needs; None for any other error."""
     written = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file()) if tmp.is_dir() else 0
     previous = list_checkpoints(run_dir)
     needed = sum(p.stat().st_size for p in previous[-1].rglob("*") if p.is_file()) if previous else written

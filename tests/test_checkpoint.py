@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from mhc_lm import checkpoint as ckpt
@@ -118,6 +119,7 @@ def test_prepare_resume_removes_stale_partial_saves_and_refuses_a_zero_checkpoin
     (OSError(errno.ENOSPC, "No space left on device"), 10_000),
     # torch's zip writer wraps the OSError; the free space tells it apart
     (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 1024"), 512),
+    (SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"), 0),
 ])
 def test_a_full_disk_is_said_and_the_partial_directory_removed(tmp_path, monkeypatch, error, free):
     previous = save(tmp_path, 4)
