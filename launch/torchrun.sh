@@ -30,22 +30,7 @@ else
     RDZV=(--standalone)
 fi
 
-# torchrun runs in its own session: a signal to this script (the scheduler's TERM, Ctrl-C, USR1) goes to
-# the ranks through the traps below and not to torchrun's agent, which would end with a SignalException
-# traceback and exit 1. The ranks checkpoint and exit 0; this script then exits 75 (preempted: requeue)
-# when RUN_DIR/stopped.json names a signal (mhc_lm.distributed.STOPPED_FILE), else with torchrun's status.
-setsid torchrun "${RDZV[@]}" --nproc_per_node "$NPROC_PER_NODE" train.py "hydra.run.dir=$RUN_DIR" "$@" &
-AGENT=$!
-for sig in TERM USR1 INT HUP; do
-    trap "pkill -$sig -P $AGENT || true" "$sig"  # the agent's children: the ranks
-done
-status=0
-while kill -0 "$AGENT" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
-    status=0
-    wait "$AGENT" || status=$?
-done
-if [ "$status" -eq 0 ] && grep -qs '"cause": "SIG' "$RUN_DIR/stopped.json"; then
-    echo "preempted: every rank checkpointed; continue with: bash $RUN_DIR/continue.sh (exit 75)" >&2
-    exit 75
-fi
-exit "$status"
+# launch/supervise.sh runs torchrun in its own session and forwards signals to the ranks only: a
+# preempted job exits 75 (requeue) with one line, not with torch-elastic's traceback and exit 1.
+exec "$(dirname "$0")/supervise.sh" "$RUN_DIR" \
+    torchrun "${RDZV[@]}" --nproc_per_node "$NPROC_PER_NODE" train.py "hydra.run.dir=$RUN_DIR" "$@"

@@ -1,0 +1,36 @@
+#!/bin/bash
+# Run a launcher so that a preempted job ends with exit code 75 (requeue) instead of the elastic
+# agent's SignalException traceback and exit 1:
+#
+#   launch/supervise.sh RUN_DIR torchrun --nproc_per_node 8 train.py hydra.run.dir=RUN_DIR ...
+#
+# The launcher runs in its own session, so a signal sent to this script's process group (the
+# scheduler's TERM, Ctrl-C) does not reach its agent; TERM, USR1, INT and HUP sent to this script are
+# forwarded to the agent's children, the ranks, which finish their step, checkpoint and exit 0. This
+# script then exits 75 when RUN_DIR/stopped.json (mhc_lm.distributed.STOPPED_FILE) names a signal as
+# the cause, else with the launcher's own status. Used by launch/torchrun.sh and launch/slurm/train.sbatch.
+set -uo pipefail
+
+if [ $# -lt 2 ]; then
+    echo "error: usage: launch/supervise.sh RUN_DIR LAUNCHER [ARGS...]" >&2
+    exit 2
+fi
+RUN_DIR=$1
+shift
+EXIT_PREEMPTED=75  # mhc_lm.errors.EXIT_PREEMPTED
+
+setsid "$@" &
+AGENT=$!
+for sig in TERM USR1 INT HUP; do
+    trap "pkill -$sig -P $AGENT || true" "$sig"
+done
+status=0
+while kill -0 "$AGENT" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
+    status=0
+    wait "$AGENT" || status=$?
+done
+if [ "$status" -eq 0 ] && grep -qs '"cause": "SIG' "$RUN_DIR/stopped.json"; then
+    echo "preempted: every rank checkpointed; continue with: bash $RUN_DIR/continue.sh (exit $EXIT_PREEMPTED)" >&2
+    exit "$EXIT_PREEMPTED"
+fi
+exit "$status"
