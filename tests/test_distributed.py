@@ -276,7 +276,7 @@ def fake_cluster(tmp_path):
     return workdir, env, tmp_path / "calls.log"
 
 
-@pytest.mark.parametrize("script", ["launch/slurm/train.sbatch", "launch/torchrun.sh"])
+@pytest.mark.parametrize("script", ["launch/slurm/train.sbatch", "launch/torchrun.sh", "launch/supervise.sh"])
 def test_launch_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
 

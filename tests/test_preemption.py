@@ -125,3 +125,31 @@ def test_torchrun_script_preempted_on_two_ranks_exits_75_without_a_traceback(cac
     resumed = subprocess.run(["bash", str(run_dir / "continue.sh")], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from {run_dir / 'checkpoints' / 'step_'}" in resumed.stdout + resumed.stderr
+
+
+FAKE_AGENT = r"""#!/bin/bash
+# A stand-in elastic agent: one rank that, on USR1, records the stop as train.py does and exits 0.
+bash -c 'trap "printf \"{\\\"cause\\\": \\\"SIGUSR1\\\"}\" > $0/stopped.json; exit 0" USR1
+         while true; do sleep 0.05; done' "$1" &
+wait
+"""
+
+
+@pytest.mark.parametrize("send", [signal.SIGUSR1, None])
+def test_supervise_forwards_signals_to_the_ranks_and_exits_75_when_preempted(tmp_path, send):
+    agent = tmp_path / "agent"
+    agent.write_text(FAKE_AGENT)
+    agent.chmod(0o755)
+    process = subprocess.Popen(["bash", str(ROOT / "launch" / "supervise.sh"), str(tmp_path), str(agent), str(tmp_path)],
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    if send is None:  # a signal that stops no run: the launcher's own status, no preemption claimed
+        process.send_signal(signal.SIGHUP)  # forwarded to the rank, which dies of it; the agent exits 0
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == 0 and not (tmp_path / "stopped.json").exists(), err
+        return
+    process.send_signal(send)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == EXIT_PREEMPTED, err
+    assert err.strip().splitlines() == [f"preempted: every rank checkpointed; continue with: bash {tmp_path}/continue.sh "
+                                        "(exit 75)"]
