@@ -45,6 +45,7 @@ from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexit
 from mhc_lm.model import MhcForCausalLM, build_config
 from mhc_lm.optim import build_optimizer, lr_at, set_lr
 from mhc_lm.preflight import check_train, run_config
+from mhc_lm.run_dir import RunDir
 from mhc_lm.tracking import Tracker
 from mhc_lm.training import (Backward, StepResult, TrainState, due, make_accelerator, make_backward,
                              train_step)
@@ -253,7 +254,7 @@ def finish(run: Run, state: TrainState, val_loss: float) -> float:
     if math.isnan(val_loss):  # resumed at max_steps: nothing ran, still report the model's loss
         val_loss = validation_loss(run)
     if cfg.trainer.export or cfg.hub.push:
-        export_model(accelerator, run.model, run.data.tokenizer, run.run_dir / "export",
+        export_model(accelerator, run.model, run.data.tokenizer, RunDir(run.run_dir).export,
                      trainer_state=state.state_dict())
     run.tracker.log({"final/val_loss": val_loss, "final/unigram_loss": run.unigram}, state.step)
     run.tracker.finish()

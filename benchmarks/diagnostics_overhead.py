@@ -95,7 +95,7 @@ class Bench:
         model, optimizer, loader = self.fresh()
         tracker, run_dir = self.tracker()
         times = {"run": [], "step": [], "grad_norms": [], "diagnostics": []}
-        grad_norms = timed(GradNorms(model), times["grad_norms"]) if diagnostics else None
+        monitor = timed(GradNorms(model), times["grad_norms"]) if diagnostics else None
         probe = timed(log_diagnostics, times["diagnostics"])
         log_every = self.cfg.trainer.log_every
         run_started = time.perf_counter()
@@ -103,7 +103,7 @@ class Bench:
             started = time.perf_counter()
             set_lr(optimizer, lr_at(step - 1, self.cfg.optim, steps))
             loss, grad_norm, _, group_norms = train_step(model, optimizer, self.batches(loader), self.accelerator,
-                                                         self.cfg.optim.grad_clip, Backward(self.accelerator, grad_norms))
+                                                         self.cfg.optim.grad_clip, Backward(self.accelerator, monitor))
             metrics = dict(group_norms)
             if due(step, log_every, steps):
                 metrics.update({"train/loss": loss, "train/grad_norm": grad_norm})

@@ -7,7 +7,7 @@
 # The launcher runs in its own session, so a signal sent to this script's process group (the
 # scheduler's TERM, Ctrl-C) does not reach its agent; TERM, USR1, INT and HUP sent to this script are
 # forwarded to the agent's children, the ranks, which finish their step, checkpoint and exit 0. This
-# script then exits 75 when RUN_DIR/stopped.json (mhc_lm.distributed.STOPPED_FILE) names a signal as
+# script then exits 75 when RUN_DIR/stopped.json (mhc_lm.run_dir.RunDir.stopped) names a signal as
 # the cause, else with the launcher's own status. Used by launch/torchrun.sh and launch/slurm/train.sbatch.
 set -uo pipefail
 

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -37,27 +36,17 @@ from transformers import AutoTokenizer
 from .data import DataConfig, load_data_tokenizer
 from .errors import ConfigError, DiskFullError
 from .model import MhcConfig, MhcForCausalLM
+from .run_dir import MANIFEST, PARTIAL_PREFIX, RUN_CONFIG, TRAINER_STATE, RunDir, step_of
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-TMP_PREFIX = ".tmp-"
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "mhc-lm-checkpoint-manifest"
 MANIFEST_VERSION = 1
 
 log = logging.getLogger(__name__)
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return RunDir(run_dir).list_checkpoints()
 
 
 def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
@@ -66,7 +55,7 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
     skipped; a checkpoint named explicitly that is damaged is a ConfigError naming the file."""
     if resume in (None, "none"):
         return None
-    explicit = resume != "auto" and ((Path(resume) / "trainer_state.json").exists() or STEP_DIR.match(Path(resume).name))
+    explicit = resume != "auto" and ((Path(resume) / TRAINER_STATE).exists() or step_of(Path(resume)) is not None)
     if explicit:
         damage = checkpoint_damage(Path(resume))
         if damage:
@@ -107,9 +96,8 @@ def prepare_resume(resume: Optional[str], run_dir: str | Path, run_config: dict,
 
 
 def remove_stale_tmp(run_dir: str | Path) -> None:
-    """`.tmp-step_*` directories are saves that never finished; no run will complete them."""
-    root = checkpoint_dir(run_dir)
-    for tmp in root.glob(TMP_PREFIX + "*") if root.is_dir() else []:
+    """Partial checkpoints (`.tmp-step_*`) are saves that never finished; no run will complete them."""
+    for tmp in RunDir(run_dir).list_partial_checkpoints():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -170,7 +158,7 @@ def checkpoint_damage(folder: Path) -> Optional[str]:
 
 def check_compatible(checkpoint: Path, run_config: dict[str, Any]) -> None:
     """Refuse a checkpoint whose model or residual configuration differs from this run's."""
-    saved = json.loads((checkpoint / "run_config.json").read_text())
+    saved = json.loads((checkpoint / RUN_CONFIG).read_text())
     old_name, new_name = saved.get("residual", {}).get("name"), run_config.get("residual", {}).get("name")
     if old_name != new_name:  # the variant decides every other residual key: name it, not a key it implies
         raise ConfigError(f"residual.name={new_name!r}: the checkpoint {checkpoint} was trained with "
@@ -199,9 +187,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     `model_config` (a PretrainedConfig) and `tokenizer`, when given, are saved alongside so the
     checkpoint loads as a model without the training config. A full disk raises DiskFullError after
     removing the partial directory."""
-    root = checkpoint_dir(run_dir)
-    final = root / f"step_{step:06d}"
-    tmp = root / f"{TMP_PREFIX}step_{step:06d}"
+    final, tmp = RunDir(run_dir).checkpoint(step), RunDir(run_dir).partial_checkpoint(step)
     try:
         write_checkpoint(accelerator, tmp, trainer_state, data_state, run_config, model_config, tokenizer)
     except Exception as err:  # noqa: BLE001  (torch, safetensors and DeepSpeed each wrap a full disk their own way)
@@ -230,8 +216,8 @@ def write_checkpoint(accelerator, tmp: Path, trainer_state: dict, data_state: di
     accelerator.save_state(str(tmp))
     _write_json(tmp / f"data_state_rank{accelerator.process_index}.json", data_state)
     if accelerator.is_main_process:
-        _write_json(tmp / "trainer_state.json", trainer_state)
-        _write_json(tmp / "run_config.json", run_config)
+        _write_json(tmp / TRAINER_STATE, trainer_state)
+        _write_json(tmp / RUN_CONFIG, run_config)
         if model_config is not None:
             model_config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
@@ -254,7 +240,7 @@ def disk_full(err: BaseException, tmp: Path, run_dir: str | Path) -> Optional[Di
     if not enospc and free >= max(needed, written) + (1 << 20):
         return None
     basis = "the previous checkpoint's size" if previous else "written before it failed"
-    return DiskFullError(f"disk full: the checkpoint {tmp.name.removeprefix(TMP_PREFIX)} in {tmp.parent} needs about "
+    return DiskFullError(f"disk full: the checkpoint {tmp.name.removeprefix(PARTIAL_PREFIX)} in {tmp.parent} needs about "
                          f"{needed:,} bytes ({basis}), {free:,} are free; removed the partial {tmp.name}; the previous "
                          f"checkpoints are intact; free space, or set trainer.output_dir on a larger disk, and resume")
 
@@ -269,12 +255,12 @@ def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, list[dict]]:
     saved_ranks = len(list(checkpoint.glob("data_state_rank*.json")))
     data_states = [json.loads((checkpoint / f"data_state_rank{r}.json").read_text()) for r in range(saved_ranks)]
     accelerator.load_state(str(checkpoint))
-    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
     return trainer_state, data_states
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict:
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
 
 
 def load_model_from_checkpoint(checkpoint: str | Path):
@@ -332,7 +318,7 @@ def strip_wrapper_prefix(key: str) -> str:
 
 def run_hydra_config(run_dir: str | Path):
     """The run's composed config as Hydra saved it (RUN/.hydra/config.yaml), an OmegaConf node; None if absent."""
-    path = Path(run_dir) / ".hydra" / "config.yaml"
+    path = RunDir(run_dir).hydra_config
     return OmegaConf.load(path) if path.exists() else None
 
 
@@ -344,7 +330,7 @@ def run_data_config(run_dir: str | Path):
 
 def checkpoint_tokenizer(checkpoint: Path):
     run_dir = checkpoint.parent.parent
-    for folder in (checkpoint, run_dir / "export"):
+    for folder in (checkpoint, RunDir(run_dir).export):
         if (folder / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(str(folder))
     data_cfg = run_data_config(run_dir)

@@ -32,6 +32,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import EXIT_PREEMPTED, ConfigError
+from .run_dir import RunDir
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -235,8 +236,6 @@ class Preemption:
 # ---------------------------------------------------------------------------------------------
 # Stopping early: how the run ends, and how to continue it
 
-STOPPED_FILE = "stopped.json"  # RUN/stopped.json: why and where the run stopped early (launch/*.sh read `cause`)
-CONTINUE_SCRIPT = "continue.sh"  # RUN/continue.sh: the command that continues the run, launcher included
 RUN_SPECIFIC = ("hydra.run.dir", "trainer.run_name", "trainer.resume", "trainer.stop_at_step")
 
 
@@ -273,19 +272,19 @@ def write_stop_record(run_dir: Path, step: int, cause: str) -> Path:
     """RUN/continue.sh (the exact command, run from the same directory with the same launcher) and
     RUN/stopped.json; rank 0 calls it when the run stops before trainer.max_steps."""
     env = [f"{k}={shlex.quote(os.environ[k])}" for k in CARRIED_ENV if k in os.environ]
-    script = Path(run_dir) / CONTINUE_SCRIPT
+    script = RunDir(run_dir).continue_script
     script.write_text("#!/bin/bash\n# Continue this run from its newest intact checkpoint (written when it stopped).\n"
                       f"cd {shlex.quote(os.getcwd())}\nexec {' '.join(['env', *env]) + ' ' if env else ''}"
                       f"{shlex.join(continue_command(Path(run_dir)))}\n")
     script.chmod(0o755)
     record = {"step": step, "cause": cause, "continue": str(script)}
-    (Path(run_dir) / STOPPED_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    RunDir(run_dir).stopped.write_text(json.dumps(record, indent=2) + "\n")
     return script
 
 
 def clear_stop_record(run_dir: Path) -> None:
     """A run that goes on is no longer stopped (rank 0, at the start)."""
-    (Path(run_dir) / STOPPED_FILE).unlink(missing_ok=True)
+    RunDir(run_dir).stopped.unlink(missing_ok=True)
 
 
 def report_stop(accelerator, run_dir: Path, step: int, max_steps: int, preemption: Preemption) -> None:
@@ -298,6 +297,6 @@ def report_stop(accelerator, run_dir: Path, step: int, max_steps: int, preemptio
     accelerator.wait_for_everyone()
     why = f"on {cause}" if preemption.cause else "at trainer.stop_at_step"
     accelerator.print(f"run dir: {run_dir} | stopped {why} at step {step} of {max_steps}, checkpoint saved; "
-                      f"continue with: bash {Path(run_dir) / CONTINUE_SCRIPT}")
+                      f"continue with: bash {RunDir(run_dir).continue_script}")
     if preemption.cause and not under_elastic_agent():
         raise SystemExit(EXIT_PREEMPTED)

@@ -27,6 +27,7 @@ import torch
 from .console import quiet_lm_eval
 from .data import eval_batches, num_blocks
 from .metrics import evaluate_loss, perplexity
+from .run_dir import RunDir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def training_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     the training metrics (every log_every steps); at other steps they are interpolated from (0, 0)."""
     import json
 
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return [], []
     known, curve = {0: 0}, []

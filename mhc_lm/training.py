@@ -92,16 +92,16 @@ class Backward:
     """One process, DDP or FSDP: accelerate's backward; at the accumulation boundary the monitor reads
     the gradients before clipping (an fp16 loss scale divided out)."""
 
-    def __init__(self, accelerator, grad_norms: Optional[GradNormMonitor] = None):
+    def __init__(self, accelerator, monitor: Optional[GradNormMonitor] = None):
         self.accelerator = accelerator
-        self.grad_norms = grad_norms
+        self.monitor = monitor  # measures the per-group norms; the step's clipped total is `grad_norm`
 
     def __call__(self, loss: torch.Tensor) -> dict:
         self.accelerator.backward(loss)
-        if self.grad_norms is None or not self.accelerator.sync_gradients:
+        if self.monitor is None or not self.accelerator.sync_gradients:
             return {}
         scaler = self.accelerator.scaler
-        return self.grad_norms(scaler.get_scale() if scaler else 1.0)
+        return self.monitor(scaler.get_scale() if scaler else 1.0)
 
 
 class DeepSpeedBackward(Backward):
@@ -110,15 +110,15 @@ class DeepSpeedBackward(Backward):
     the reduced gradients between its backward and its step."""
 
     def __call__(self, loss: torch.Tensor) -> dict:
-        if self.grad_norms is None or not self.accelerator.sync_gradients:
+        if self.monitor is None or not self.accelerator.sync_gradients:
             self.accelerator.backward(loss)
             return {}
         engine = self.accelerator.deepspeed_engine_wrapped.engine
         engine.set_gradient_accumulation_boundary(is_boundary=True)
         engine.backward(loss)
-        norms = self.grad_norms()
+        group_norms = self.monitor()
         engine.step()
-        return norms
+        return group_norms
 
 
 def make_backward(accelerator, model: torch.nn.Module, monitor: bool) -> Backward:
@@ -128,8 +128,8 @@ def make_backward(accelerator, model: torch.nn.Module, monitor: bool) -> Backwar
     from .diagnostics import GradNorms
 
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    grad_norms = GradNorms(model, "deepspeed" if deepspeed else None) if monitor else None
-    return (DeepSpeedBackward if deepspeed else Backward)(accelerator, grad_norms)
+    grad_norm_monitor = GradNorms(model, "deepspeed" if deepspeed else None) if monitor else None
+    return (DeepSpeedBackward if deepspeed else Backward)(accelerator, grad_norm_monitor)
 
 
 class StepResult(NamedTuple):

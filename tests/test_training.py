@@ -95,5 +95,5 @@ def test_the_strategy_and_the_monitors_sharding_are_chosen_by_the_engine(distrib
     model = torch.nn.Linear(3, 2)
     chosen = make_backward(fake_accelerator([], True, distributed_type), model, monitor=True)
     assert type(chosen) is strategy
-    assert chosen.grad_norms.sharded == sharded
-    assert make_backward(fake_accelerator([], True, distributed_type), model, monitor=False).grad_norms is None
+    assert chosen.monitor.sharded == sharded
+    assert make_backward(fake_accelerator([], True, distributed_type), model, monitor=False).monitor is None
