@@ -19,11 +19,15 @@ RUN_DIR=$1
 shift
 EXIT_PREEMPTED=75  # mhc_lm.errors.EXIT_PREEMPTED
 
+AGENT=
+forward() {  # to the agent's children: the ranks
+    if [ -n "$AGENT" ]; then pkill "-$1" -P "$AGENT" || true; fi
+}
+for sig in TERM USR1 INT HUP; do
+    trap "forward $sig" "$sig"  # set before the launcher starts: an early signal must not end this script
+done
 setsid "$@" &
 AGENT=$!
-for sig in TERM USR1 INT HUP; do
-    trap "pkill -$sig -P $AGENT || true" "$sig"
-done
 status=0
 while kill -0 "$AGENT" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
     status=0

@@ -130,8 +130,8 @@ def test_torchrun_script_preempted_on_two_ranks_exits_75_without_a_traceback(cac
 FAKE_AGENT = r"""#!/bin/bash
 # A stand-in elastic agent: one rank that, on USR1, records the stop as train.py does and exits 0.
 bash -c 'trap "printf \"{\\\"cause\\\": \\\"SIGUSR1\\\"}\" > $0/stopped.json; exit 0" USR1
-         while true; do sleep 0.05; done' "$1" &
-wait
+         touch $0/ready; while true; do sleep 0.05; done' "$1" &
+wait "$!"  # the rank's status is the agent's
 """
 
 
@@ -142,11 +142,14 @@ def test_supervise_forwards_signals_to_the_ranks_and_exits_75_when_preempted(tmp
     agent.chmod(0o755)
     process = subprocess.Popen(["bash", str(ROOT / "launch" / "supervise.sh"), str(tmp_path), str(agent), str(tmp_path)],
                                stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    deadline = time.time() + 30
+    while not (tmp_path / "ready").exists():  # the rank's trap is set
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.02)
     if send is None:  # a signal that stops no run: the launcher's own status, no preemption claimed
-        process.send_signal(signal.SIGHUP)  # forwarded to the rank, which dies of it; the agent exits 0
+        process.send_signal(signal.SIGHUP)  # forwarded to the rank, which dies of it (128 + 1)
         _, err = process.communicate(timeout=30)
-        assert process.returncode == 0 and not (tmp_path / "stopped.json").exists(), err
+        assert process.returncode == 129 and "preempted" not in err and not (tmp_path / "stopped.json").exists()
         return
     process.send_signal(send)
     _, err = process.communicate(timeout=30)
