@@ -6,8 +6,7 @@ A checkpoint is a directory `RUN/checkpoints/step_000123/` holding:
   - `data_state_rank{r}.json`: each rank's data position (format: `mhc_lm/data/state.py`);
   - `run_config.json`: the model and residual configuration, to refuse an incompatible resume;
   - `config.json` and the tokenizer files: enough, with the weights, to load the model on its own
-    (`load_model_from_checkpoint`, used by eval.py and the Hub upload).
-
+    (`load_model_from_checkpoint`, used by eval.py and the Hub upload);
   - `manifest.json`: every other file's size and sha256 (format `MANIFEST_FORMAT`, version
     `MANIFEST_VERSION`), written last.
 

@@ -27,6 +27,3 @@ def check_train(cfg: TrainConfig, run_dir: str | Path) -> Optional[Path]:
     if process_rank() == 0:
         clear_stop_record(run_dir)  # this run goes on
     return checkpoint
-
-
-__all__ = ["check_train", "run_config"]
