@@ -6,7 +6,7 @@
 #
 # The launcher runs in its own session, so a signal sent to this script's process group (the
 # scheduler's TERM, Ctrl-C) does not reach its agent; TERM, USR1, INT and HUP sent to this script are
-# forwarded to the agent's children, the ranks, which finish their step, checkpoint and exit 0. This
+# forwarded to the agent's children, the ranks, which finish their step, checkpoint and exit. This
 # script then exits 75 when RUN_DIR/stopped.json (mhc_lm.run_dir.RunDir.stopped) names a signal as
 # the cause, else with the launcher's own status. Used by launch/torchrun.sh and launch/slurm/train.sbatch.
 set -uo pipefail
@@ -33,7 +33,9 @@ while kill -0 "$AGENT" 2>/dev/null; do  # `wait` returns early when a trapped si
     status=0
     wait "$AGENT" || status=$?
 done
-if [ "$status" -eq 0 ] && grep -qs '"cause": "SIG' "$RUN_DIR/stopped.json"; then
+# The record is written after the checkpoint, right before the ranks exit (0 under an elastic agent, 75 on
+# their own, which a single-process launcher may turn into its own failure): it decides.
+if grep -qs '"cause": "SIG' "$RUN_DIR/stopped.json"; then
     echo "preempted: every rank checkpointed; continue with: bash $RUN_DIR/continue.sh (exit $EXIT_PREEMPTED)" >&2
     exit "$EXIT_PREEMPTED"
 fi
