@@ -50,8 +50,7 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
     result = run_diagnostics(model.to(device), probe_batch(tokens.validation, seq_len, batch_size).to(device),
                              source.step)
     result.report["source"] = {"spec": spec, "kind": source.kind, "label": source.label}
-    local = source.kind != "hub"
-    out = out or (Path(source.location) / "diagnostics" if local else Path("diagnostics") / spec.replace("/", "--"))
+    out = out or source.diagnostics_dir()
     result.write(out)
     return result, out
 
