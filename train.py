@@ -106,7 +106,8 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
     preemption = Preemption()  # from here on SIGTERM / SIGUSR1 mean: checkpoint at the end of the step
     with accelerator.main_process_first():
         data = prepare_data(cfg.data)
-    model_config = build_config(cfg.model, cfg.residual, model_vocab_size(cfg, data.vocab_size), data.eot_id)
+    model_config = build_config(cfg.model, cfg.residual, model_vocab_size(cfg, data.vocab_size), data.eot_id,
+                                cfg.trainer)
     model = MhcForCausalLM(model_config)
     model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
     tracker = Tracker(cfg.logger, run_dir, {**dataclasses.asdict(cfg), "n_params": parameter_count(model)},

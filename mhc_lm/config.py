@@ -25,6 +25,7 @@ from omegaconf import MISSING, OmegaConf
 from .data import DataConfig, source_of, validate_data
 from .errors import ConfigError, check_choice, check_min, check_range, fail
 from .residual import validate_residual as check_residual
+from .residual.recompute import check_policy
 
 
 @dataclass
@@ -78,6 +79,8 @@ class TrainerConfig:
     export: bool = True  # write a Hugging Face model (with the tokenizer) at the end
     num_threads: Optional[int] = None  # torch CPU threads; None: torch's default
     stop_at_step: Optional[int] = None  # checkpoint and stop here, as a preemption would (the schedule keeps max_steps)
+    activation_checkpointing: str = "none"  # none | mhc (the paper's glue recompute) | full (every block)
+    recompute_group: Optional[int] = None  # sublayers per `mhc` group; None: the paper's sqrt(nL / (n + 2))
 
 
 @dataclass
@@ -226,6 +229,7 @@ def validate_trainer(trainer: TrainerConfig) -> None:
     check_min("trainer.ckpt_every", trainer.ckpt_every, 0)
     check_choice("trainer.precision", trainer.precision, PRECISIONS)
     check_range("trainer.seed", trainer.seed, 0, SEED_MAX)
+    check_policy(trainer.activation_checkpointing, trainer.recompute_group, "trainer.activation_checkpointing")
     for key in ("num_threads", "stop_at_step", "global_batch_size"):
         if getattr(trainer, key) is not None:
             check_min(f"trainer.{key}", getattr(trainer, key), 1)

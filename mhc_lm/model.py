@@ -12,6 +12,7 @@ attention and MLP, each wrapped by its own mixer (`attn_hc`, `mlp_hc`); the stre
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -24,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .residual import Mixer, expand_streams, make_collapse, make_mixer, mixer_options
 from .residual.collapse import HyperHead
+from .residual.recompute import check_policy, paper_group, run_stages
 
 DEFAULT_RESIDUAL = {"name": "mhc", "n": 4, "collapse": "head"}
 
@@ -61,6 +63,8 @@ class MhcConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
         residual: dict[str, Any] | None = None,
+        activation_checkpointing: str = "none",
+        recompute_group: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = 0,
         pad_token_id: int | None = None,
@@ -77,6 +81,9 @@ class MhcConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.residual = dict(residual if residual is not None else DEFAULT_RESIDUAL)
+        check_policy(activation_checkpointing, recompute_group)
+        self.activation_checkpointing = activation_checkpointing  # none | mhc | full (mhc_lm.residual.recompute)
+        self.recompute_group = recompute_group  # sublayers per `mhc` group; None: the paper's rule
         super().__init__(
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
@@ -92,6 +99,17 @@ class MhcConfig(PretrainedConfig):
     @property
     def num_streams(self) -> int:
         return int(self.residual.get("n", 1))
+
+    @property
+    def group_size(self) -> int:
+        """L_r, the sublayers per `mhc` recompute group (attention and MLP count apart)."""
+        return self.recompute_group or paper_group(self.num_streams, 2 * self.num_hidden_layers)
+
+    @property
+    def blocks_per_group(self) -> int:
+        """L_r in whole blocks (two sublayers each, rounded up): a group never splits a block, so the
+        per-block hooks of FSDP and ZeRO-3 see every block whole, also when it runs again in backward."""
+        return math.ceil(self.group_size / 2)
 
 
 def swiglu_hidden(dim: int, multiple_of: int = 64) -> int:
@@ -201,6 +219,17 @@ class MhcPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1):
+        """`gradient_checkpointing_enable()` (the transformers convention) sets `full`; disable sets `none`.
+        Blocks always go through torch's non-reentrant checkpoint (`mhc_lm.residual.recompute`)."""
+        self.config.activation_checkpointing = "full" if enable else "none"
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # what transformers' `is_activation_checkpointing` reads
+        return self.config.activation_checkpointing != "none"
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -259,9 +288,16 @@ class MhcModel(MhcPreTrainedModel):
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
         mask = attention_mask_4d(attention_mask, T, past_len, hidden.device)
         streams = expand_streams(hidden, self.config.num_streams)  # (B, T, n, C)
-        for block in self.layers:
-            streams = block(streams, cos, sin, mask, cache)
+        blocks = [functools.partial(block, cos=cos, sin=sin, mask=mask, cache=cache) for block in self.layers]
+        streams = run_stages(blocks, streams, self.recompute_policy(cache), self.config.blocks_per_group)
         return self.norm(self.hc_head(streams)), cache
+
+    def recompute_policy(self, cache) -> str:
+        """The configured policy where a backward can follow (training, grad on, no KV cache), else `none`:
+        evaluation, generation and the diagnostics probe never recompute."""
+        if self.training and torch.is_grad_enabled() and cache is None:
+            return self.config.activation_checkpointing
+        return "none"
 
 
 class MhcForCausalLM(MhcPreTrainedModel, GenerationMixin):
@@ -302,8 +338,12 @@ AutoConfig.register(MhcConfig.model_type, MhcConfig, exist_ok=True)
 AutoModelForCausalLM.register(MhcConfig, MhcForCausalLM, exist_ok=True)
 
 
-def build_config(model_cfg, residual: dict[str, Any], vocab_size: int, eos_token_id: int | None) -> MhcConfig:
-    """An `MhcConfig` from the training config's `model` section (a `ModelConfig`) and `residual` group."""
+def build_config(model_cfg, residual: dict[str, Any], vocab_size: int, eos_token_id: int | None,
+                 trainer_cfg=None) -> MhcConfig:
+    """An `MhcConfig` from the training config's `model` section (a `ModelConfig`) and `residual` group; the
+    `trainer` section (a `TrainerConfig`), where given, sets the activation recompute."""
+    recompute = {} if trainer_cfg is None else {"activation_checkpointing": trainer_cfg.activation_checkpointing,
+                                                "recompute_group": trainer_cfg.recompute_group}
     return MhcConfig(
         vocab_size=vocab_size,
         hidden_size=model_cfg.d_model,
@@ -320,4 +360,5 @@ def build_config(model_cfg, residual: dict[str, Any], vocab_size: int, eos_token
         eos_token_id=eos_token_id,
         bos_token_id=eos_token_id,
         pad_token_id=eos_token_id,
+        **recompute,
     )

@@ -1,9 +1,10 @@
 """Gradient norms by group from FSDP2's sharded (DTensor) gradients, on CPU over gloo.
 
-    torchrun --standalone --nproc_per_node 2 tests/grad_norms_worker.py OUT.json
+    torchrun --standalone --nproc_per_node 2 tests/grad_norms_worker.py OUT.json [POLICY]
 
-Each rank computes the norms of a tiny mHC model's whole gradients (no sharding), then shards the
-model with `fully_shard` and computes them again from its local shards; rank 0 writes both.
+Each rank computes the norms of a tiny mHC model's whole gradients (no sharding, no recompute), then
+shards the model with `fully_shard` and computes them again from its local shards, with the activation
+recompute POLICY (none | mhc | full; default none); rank 0 writes both.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 
-def main(out: str) -> None:
+def main(out: str, policy: str = "none") -> None:
     from torch.distributed.fsdp import fully_shard
 
     from mhc_lm.diagnostics import GradNorms
@@ -32,6 +33,7 @@ def main(out: str) -> None:
     expected = whole()
     model.zero_grad(set_to_none=True)
 
+    model.config.activation_checkpointing = policy
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     for block in model.model.layers:
         fully_shard(block, mesh=mesh)
@@ -47,4 +49,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -344,12 +344,14 @@ def test_gradient_norms_by_group_match_direct_sums_over_the_modules():
 
 
 @pytest.mark.slow
-def test_gradient_norms_from_fsdp2_shards_equal_those_of_the_whole_gradients(tmp_path):
+@pytest.mark.parametrize("policy", ["none", "mhc"])
+def test_gradient_norms_from_fsdp2_shards_equal_those_of_the_whole_gradients(tmp_path, policy):
     """FSDP2 (fully_shard) on two CPU processes over gloo: each rank holds DTensor shards of the gradients;
-    the squares of the local shards summed over the ranks give the unsharded model's norms."""
+    the squares of the local shards summed over the ranks give the unsharded model's norms. With `mhc`
+    the sharded model recomputes the glue in backward and must still match the whole model without it."""
     out = tmp_path / "norms.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "tests" / "grad_norms_worker.py"), str(out)]
+               str(ROOT / "tests" / "grad_norms_worker.py"), str(out), policy]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.exists(), done.stderr[-3000:]  # judged by what rank 0 wrote (gloo may abort at exit)

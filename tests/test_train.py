@@ -68,10 +68,13 @@ def test_plain_residual_baseline_runs(train_cli, tmp_path):
 
 @pytest.mark.compat
 def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
+    """Also across activation recompute: the straight run keeps everything, the interrupted one recomputes
+    the mHC glue and, resumed, whole blocks; the losses are the same bits."""
     common = ["trainer.max_steps=16", "trainer.ckpt_every=4", "trainer.eval_every=8"]
-    straight = train_cli(*common, "trainer.run_name=straight")
+    straight = train_cli(*common, "trainer.run_name=straight", "trainer.activation_checkpointing=none")
     assert straight.returncode == 0, straight.stderr[-3000:]
-    stopped = train_cli(*common, "trainer.run_name=interrupted", "trainer.stop_at_step=8")
+    stopped = train_cli(*common, "trainer.run_name=interrupted", "trainer.stop_at_step=8",
+                        "trainer.activation_checkpointing=mhc")
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at trainer.stop_at_step at step 8 of 16" in last_line(stopped)
     run_dir = tmp_path / "runs" / "interrupted"
@@ -80,7 +83,7 @@ def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
     partial = run_dir / "checkpoints" / ".tmp-step_000012"
     shutil.copytree(run_dir / "checkpoints" / "step_000008", partial)
     (partial / "model.safetensors").write_bytes(b"garbage")
-    resumed = train_cli(*common, "trainer.run_name=interrupted")
+    resumed = train_cli(*common, "trainer.run_name=interrupted", "trainer.activation_checkpointing=full")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from" in resumed.stdout + resumed.stderr
     a, b = train_losses(tmp_path / "runs" / "straight"), train_losses(run_dir)
@@ -106,6 +109,8 @@ def test_resume_from_an_incompatible_checkpoint_is_refused(train_cli, tmp_path):
     ("residual.sinkhorn_iters=0", "error: residual.sinkhorn_iters=0"),
     ("data.seq_len=512", "error: data.seq_len=512: longer than the model's context"),
     ("data=local", "error: data.files=[]"),
+    ("trainer.activation_checkpointing=blocks", "error: trainer.activation_checkpointing='blocks': allowed: none, mhc, full"),
+    ("trainer.recompute_group=0", "error: trainer.recompute_group=0: allowed: a number >= 1"),
 ])
 def test_bad_config_stops_before_any_work(train_cli, tmp_path, override, message):
     extra = ["data.files=[]"] if override == "data=local" else []

@@ -1,0 +1,120 @@
+"""Activation memory and step time of the plain residual and mHC (n = 4) under each recompute policy.
+
+    python benchmarks/activation_memory.py                             # GPU: 12 x 1024 and the small model
+    nice python benchmarks/activation_memory.py --device cpu --batch 1 --seq-len 128 --vocab 4096 --steps 2
+
+For each model (12 layers x d_model 1024, and the default small model), each residual and each
+`trainer.activation_checkpointing` (none | mhc | full): the activation bytes per token (the storages kept
+alive after a training forward, `mhc_lm.activations`: device-independent), on a GPU also the peak of
+`torch.cuda.max_memory_allocated` over a step, and the median forward + backward time (on CPU: the
+process's CPU time, steadier than the wall clock on a shared machine). Ratios from this
+one run: bytes against the plain residual without recompute, bytes and time against the same residual
+without recompute. Targets: mHC with `mhc` at most 1.15x the residual's bytes (none) and within 1.10x of
+mHC's step time (none); `full` at most 0.35x of the bytes without recompute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import machine, mib, peak_memory, pick_device, print_table, timed
+
+MODELS = {"12x1024": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16),
+          "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4)}
+RESIDUALS = {"residual": {"name": "residual", "n": 1}, "mhc": {"name": "mhc", "n": 4}}
+POLICIES = ("none", "mhc", "full")
+
+
+def build(model: str, residual: str, policy: str, args, device):
+    from mhc_lm.model import MhcConfig, MhcForCausalLM
+
+    torch.manual_seed(0)
+    config = MhcConfig(vocab_size=args.vocab, max_position_embeddings=args.seq_len, **MODELS[model],
+                       residual={**RESIDUALS[residual], "kernel": args.kernel}, activation_checkpointing=policy)
+    return MhcForCausalLM(config).to(device).train()
+
+
+def step_fn(net, batch, args, device):
+    def step():
+        net.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = net(batch, labels=batch).loss
+        loss.backward()
+    return step
+
+
+def measure(model: str, residual: str, args, device) -> list[dict]:
+    """One row per policy. The steps are timed round-robin (policy after policy, `--steps` rounds), so a
+    shared machine's load drifts into every policy alike."""
+    from mhc_lm.activations import activation_bytes
+
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
+    nets = {policy: build(model, residual, policy, args, device) for policy in POLICIES}
+    steps = {policy: step_fn(net, batch, args, device) for policy, net in nets.items()}
+    rows = []
+    for policy, net in nets.items():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            kept = activation_bytes(net, batch) / batch.numel()
+        rows.append({"model": model, "residual": residual, "policy": policy, "_bytes": kept,
+                     "KiB/token": f"{kept / 1024:,.1f}", "peak MiB": mib(peak_memory(steps[policy], device))})
+    times = round_robin(list(steps.values()), device, args)
+    for row, seconds in zip(rows, times):
+        row["_s"], row["ms/step"] = seconds, f"{seconds * 1e3:,.0f}"
+    return rows
+
+
+def round_robin(steps, device, args) -> list[float]:
+    """Median seconds of each step over `args.steps` rounds, after `args.warmup` rounds. On CPU the seconds
+    are this process's CPU time (all its threads), which other jobs on a shared machine disturb less
+    than the wall clock."""
+    times = [[] for _ in steps]
+    for _ in range(args.warmup + args.steps):
+        for i, step in enumerate(steps):
+            times[i].append(timed(step, device, 0, 1) if device.type == "cuda" else cpu_seconds(step))
+    return [statistics.median(t[args.warmup:]) for t in times]
+
+
+def cpu_seconds(step) -> float:
+    started = time.process_time()
+    step()
+    return time.process_time() - started
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Bytes vs the residual without recompute, bytes and time vs the same residual without recompute."""
+    base = {(r["model"], r["residual"]): r for r in rows if r["policy"] == "none"}
+    for row in rows:
+        plain, same = base[(row["model"], "residual")], base[(row["model"], row["residual"])]
+        row["vs residual none"] = f"{row['_bytes'] / plain['_bytes']:.3f}x"
+        row["bytes vs none"] = f"{row['_bytes'] / same['_bytes']:.3f}x"
+        row["time vs none"] = f"{row['_s'] / same['_s']:.3f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"])
+    parser.add_argument("--bf16", action="store_true", help="autocast bf16 (the GPU training precision)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    print(f"# {machine(device)}")
+    print(f"# batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, bf16 {args.bf16}, "
+          f"kernel {args.kernel}, median of {args.steps} steps after {args.warmup}")
+    rows = [row for m in args.models for r in RESIDUALS for row in measure(m, r, args, device)]
+    add_ratios(rows)
+    print_table(rows, ["model", "residual", "policy", "KiB/token", "vs residual none", "bytes vs none", "peak MiB",
+                       "ms/step", "time vs none"])
+
+
+if __name__ == "__main__":
+    main()

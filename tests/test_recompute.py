@@ -1,0 +1,188 @@
+"""Activation recompute (`mhc_lm.residual.recompute`): `mhc` and `full` give the losses and gradients of no
+recompute for every variant, on the kernels, compiled and accumulated; they keep less; evaluation,
+generation and the probe never recompute; bad values are refused; the transformers switch works."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from mhc_lm.activations import activation_bytes
+from mhc_lm.errors import ConfigError
+from mhc_lm.model import MhcConfig, MhcForCausalLM
+from mhc_lm.residual import MIXERS, recompute
+from mhc_lm.residual.recompute import paper_group
+
+POLICIES = ("mhc", "full")
+
+
+def tiny(name: str = "mhc", n: int = 4, policy: str = "none", layers: int = 3, **residual) -> MhcForCausalLM:
+    torch.manual_seed(0)
+    n = 1 if name == "residual" else n
+    config = MhcConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                       max_position_embeddings=16, residual={"name": name, "n": n, **residual},
+                       activation_checkpointing=policy)
+    return MhcForCausalLM(config)
+
+
+def batch(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def loss_and_grads(model, batches, call=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of the micro-batches and the accumulated gradients (`call`: the model as run, e.g. compiled)."""
+    losses = []
+    for ids in batches:
+        loss = (model if call is None else call)(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses, {k: p.grad for k, p in model.named_parameters()}
+
+
+def assert_same(found, expected, rel: float = 0.0) -> None:
+    assert found[0] == pytest.approx(expected[0], rel=rel, abs=0)
+    for key, grad in expected[1].items():
+        scale = grad.abs().max().clamp_min(1e-30)
+        assert ((found[1][key] - grad).abs().max() / scale).item() <= rel, key
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_recompute_gives_the_same_losses_and_gradients_for_every_variant(name, policy):
+    batches = [batch(1), batch(2)]  # two micro-batches: the gradients accumulate
+    expected = loss_and_grads(tiny(name), batches)
+    assert_same(loss_and_grads(tiny(name, policy=policy), batches), expected)  # CPU fp32: bitwise
+
+
+@pytest.mark.parametrize("group", [1, 2, 5, 100])
+def test_every_group_size_is_exact(group):
+    model = tiny(policy="mhc")
+    model.config.recompute_group = group
+    assert_same(loss_and_grads(model, [batch()]), loss_and_grads(tiny(), [batch()]))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_recompute_on_the_triton_kernels_is_exact(policy):
+    pytest.importorskip("triton")
+    expected = loss_and_grads(tiny(kernel="triton"), [batch()])
+    assert_same(loss_and_grads(tiny(kernel="triton", policy=policy), [batch()]), expected)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_recompute_under_torch_compile_matches_eager_without_it(policy):
+    expected = loss_and_grads(tiny(kernel="torch", layers=2), [batch()])
+    model = tiny(kernel="torch", policy=policy, layers=2)
+    compiled = torch.compile(model, backend="aot_eager")
+    found = loss_and_grads(model, [batch()], call=compiled)
+    assert_same(found, expected, rel=1e-6)
+
+
+def test_paper_group_size():
+    assert paper_group(4, 24) == 4  # sqrt(4 * 24 / 6) = 4
+    assert paper_group(4, 8) == 2  # sqrt(32 / 6) = 2.3
+    assert paper_group(1, 2) == 1  # sqrt(2 / 3) = 0.8, at least 1
+    assert tiny(layers=12).config.group_size == 4
+
+
+def test_recompute_keeps_less_than_no_recompute():
+    """The issue's targets on a 12-layer model: mHC with `mhc` at most 1.15x the plain residual without
+    recompute, `full` at most 0.35x of no recompute."""
+    ids = torch.randint(0, 64, (1, 128))
+
+    def kept(name, policy):
+        config = MhcConfig(vocab_size=64, hidden_size=128, num_hidden_layers=12, num_attention_heads=2,
+                           max_position_embeddings=128, residual={"name": name, "n": 1 if name == "residual" else 4},
+                           activation_checkpointing=policy)
+        return activation_bytes(MhcForCausalLM(config), ids)
+
+    plain, none = kept("residual", "none"), kept("mhc", "none")
+    assert none > 1.3 * plain  # the problem: n streams per sublayer
+    assert kept("mhc", "mhc") <= 1.15 * plain
+    assert kept("mhc", "full") <= 0.35 * none
+
+
+def forbid_recompute(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("recomputed where no backward follows")
+
+    monkeypatch.setattr(recompute, "checkpoint", refuse)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_evaluation_generation_and_the_probe_never_recompute(policy, monkeypatch):
+    from mhc_lm.diagnostics import run_diagnostics
+
+    model = tiny(policy=policy)
+    forbid_recompute(monkeypatch)
+    with torch.no_grad():
+        model(batch())  # training mode, but no grad
+    model.eval()
+    model(batch(), labels=batch()).loss.backward()  # eval mode: no recompute even with grad
+    model.generate(batch()[:, :4], max_new_tokens=3, do_sample=False)
+    model.train()
+    run_diagnostics(model, batch())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_training_forward_does_recompute(policy, monkeypatch):
+    calls = []
+    real = recompute.checkpoint
+    monkeypatch.setattr(recompute, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tiny(policy=policy)(batch(), labels=batch()).loss.backward()
+    assert len(calls) == 3  # full: 3 blocks; mhc: groups of paper_group(4, 6) = 2 sublayers, one block each
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"activation_checkpointing": "some"}, "activation_checkpointing='some': allowed: none, mhc, full"),
+    ({"activation_checkpointing": "mhc", "recompute_group": 0}, "recompute_group=0: allowed: a number >= 1"),
+])
+def test_bad_values_are_one_line_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        MhcConfig(**kwargs)
+
+
+def test_gradient_checkpointing_enable_is_full_and_disable_is_none():
+    model = tiny()
+    model.gradient_checkpointing_enable()
+    assert model.config.activation_checkpointing == "full" and model.is_activation_checkpointing
+    assert_same(loss_and_grads(model, [batch()]), loss_and_grads(tiny(), [batch()]))
+    model.gradient_checkpointing_disable()
+    assert model.config.activation_checkpointing == "none" and not model.is_activation_checkpointing
+
+
+def test_the_exported_remote_code_turns_checkpointing_on(tmp_path):
+    """Where mhc_lm is not installed: the bundled code's gradient_checkpointing_enable() gives `full`, with
+    the gradients of the same export without it."""
+    from test_export import isolated_python
+
+    from mhc_lm.export import save_export
+
+    class NoTokenizer:
+        def save_pretrained(self, folder):
+            pass
+
+    export = tmp_path / "export"
+    save_export(tiny(), NoTokenizer(), export)
+    assert (export / "residual_recompute.py").exists()
+    script = textwrap.dedent(f"""
+        import importlib.util
+        import torch
+        assert importlib.util.find_spec("mhc_lm") is None
+        from transformers import AutoModelForCausalLM
+        ids = torch.tensor({batch().tolist()})
+
+        def grads(checkpointing):
+            model = AutoModelForCausalLM.from_pretrained({str(export)!r}, trust_remote_code=True).train()
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+                assert model.config.activation_checkpointing == "full" and model.is_activation_checkpointing
+            model(ids, labels=ids).loss.backward()
+            return [p.grad for p in model.parameters()]
+
+        assert all(torch.equal(a, b) for a, b in zip(grads(True), grads(False)))
+        print("exact")
+    """)
+    result = isolated_python(script, tmp_path)
+    assert result.returncode == 0 and "exact" in result.stdout, result.stderr[-3000:]
