@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import EvalConfig, register_configs, validate_eval
 from mhc_lm.cli import reported, run
-from mhc_lm.console import quiet_libraries
+from mhc_lm.console import console_to_log, quiet_libraries
 from mhc_lm.errors import ConfigError
 
 register_configs()
@@ -143,7 +143,7 @@ def write_samples(samples: list[dict], out_dir: Path) -> None:
 def main(dict_cfg: DictConfig) -> None:
     cfg: EvalConfig = OmegaConf.to_object(dict_cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    with reported():
+    with console_to_log(), reported(out_dir):
         evaluate(cfg, out_dir)
 
 

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import TrainConfig, register_configs, validate
 from mhc_lm.cli import reported, run
-from mhc_lm.console import quiet_libraries
+from mhc_lm.console import console_to_log, quiet_libraries
 from mhc_lm.distributed import strip_local_rank_flag
 from mhc_lm.errors import ConfigError
 
@@ -281,7 +281,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
 def main(dict_cfg: DictConfig) -> float:
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with reported():
+    with console_to_log(), reported(run_dir):  # the error line goes to train.log too; the dir, if empty, not
         return train(cfg, run_dir)
 
 

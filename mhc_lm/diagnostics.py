@@ -16,8 +16,8 @@ mean as solid lines and the token max as dashed lines, and say so.
 
 Run as a program, it writes the report of a checkpoint or an exported model:
 
-    python -m mhc_lm.diagnostics runs/<run>/checkpoints/step_000600 [--out DIR]
-    python -m mhc_lm.diagnostics runs/<run>/export
+    python -m mhc_lm.diagnostics runs/<run>/checkpoints/step_000600 [--out DIR]   # RUN/diagnostics/checkpoint_step_000600
+    python -m mhc_lm.diagnostics runs/<run>                                       # RUN/diagnostics/export
 """
 
 from __future__ import annotations
@@ -423,7 +423,7 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
                     seq_len: Optional[int] = None, data: str = "run", device: str = "cpu",
                     trust_remote_code: bool = False) -> tuple[DiagnosticsReport, Path]:
     """The report of a checkpoint, a run (its export, else its newest checkpoint), an export or a Hub id,
-    written to `out` (default: the model's folder/diagnostics); ConfigError on a bad name or option.
+    written to `out` (default: `default_report_dir`); ConfigError on a bad name or option.
 
     The probe is the training run's own where the run is known: its data config (RUN/.hydra/config.yaml,
     data="run") in the model's tokenizer, its data.seq_len and logger.diag_batch_size; else the bundled
@@ -452,10 +452,21 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
     result = run_diagnostics(model.to(device), probe_batch(tokens.validation, seq_len, batch_size).to(device),
                              source.step)
     result.report["source"] = {"spec": spec, "kind": source.kind, "label": source.label}
-    local = source.kind != "hub"
-    out = out or (Path(source.location) / "diagnostics" if local else Path("diagnostics") / spec.replace("/", "--"))
+    out = out or default_report_dir(source, spec)
     result.write(out)
     return result, out
+
+
+def default_report_dir(source, spec: str) -> Path:
+    """Where the command line writes a report: under the run's diagnostics (RUN/diagnostics/export,
+    RUN/diagnostics/checkpoint_step_N), never inside the export or checkpoint that gets pushed;
+    FOLDER/diagnostics for a model folder that belongs to no run; diagnostics/USER--NAME for a Hub id."""
+    if source.run_dir is not None:
+        folder = Path(source.location).name
+        return source.run_dir / "diagnostics" / (folder if source.kind == "export" else f"checkpoint_{folder}")
+    if source.kind == "hub":
+        return Path("diagnostics") / spec.replace("/", "--")
+    return Path(source.location) / "diagnostics"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -468,7 +479,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mhc_lm.diagnostics", description=__doc__.split("\n\n")[0])
     parser.add_argument("path", help="RUN/checkpoints/step_N, a run directory, RUN/export or a Hub id")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: the model's folder/diagnostics)")
+                        help="output directory (default: under the run's diagnostics/, never inside the export)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="probe sequences (default: the run's logger.diag_batch_size, else 4)")
     parser.add_argument("--seq-len", type=int, default=None,
