@@ -19,8 +19,9 @@ budget) and `metrics.jsonl`. Per run (`runs.md`, `runs.csv`):
 
 Per variant (`summary.md`, `summary.csv`): the mean and the sample standard deviation over its runs
 (seeds) of each, tokens/s and activation bytes also relative to the `residual` variant's mean. Plots:
-validation loss against tokens seen (mean over seeds, band: min to max) and the composite gains against
-step on a log scale (`loss_vs_tokens.png`, `gains_vs_step.png`).
+validation loss against tokens seen (mean over seeds, band: min to max), the composite gains against
+step (log scale when they grow), and the last probe's H_res of every sublayer, variants side by side
+(`loss_vs_tokens.png`, `gains_vs_step.png`, `h_res_heatmaps.png`).
 """
 
 from __future__ import annotations
@@ -262,6 +263,10 @@ def _axes(ncols: int, width: float = 6.5, height: float = 4.5):
     return figure, figure.subplots(1, ncols, squeeze=False)[0]
 
 
+def seeds_label(variant: str, count: int) -> str:
+    return f"{variant} ({count} seed{'s' if count != 1 else ''})"
+
+
 def band(series: list[list[tuple[float, float]]]):
     """(x, mean, min, max) over runs of (x, y) curves, on the points all of them have (by index)."""
     import numpy as np
@@ -283,7 +288,7 @@ def plot_loss_vs_tokens(runs: list[RunRecord], val_tokens: Optional[int], path: 
     figure, (ax,) = _axes(1)
     for i, (variant, curves) in enumerate(groups.items()):
         x, mean, low, high = band(curves)
-        ax.plot(x, mean, "-o", markersize=3, color=f"C{i % 10}", label=f"{variant} ({len(curves)} seeds)")
+        ax.plot(x, mean, "-o", markersize=3, color=f"C{i % 10}", label=seeds_label(variant, len(curves)))
         if len(curves) > 1:
             ax.fill_between(x, low, high, color=f"C{i % 10}", alpha=0.2)
     ax.set_xlabel("tokens seen")
@@ -309,10 +314,14 @@ def plot_gains_vs_step(runs: list[RunRecord], path: Path) -> Optional[Path]:
         for i, (variant, series) in enumerate(groups.items()):
             curves = [[(g[0], g[1 + column]) for g in gains] for gains in series]  # (step, gain)
             x, mean, low, high = band(curves)
-            ax.plot(x, mean, "-o", markersize=3, color=f"C{i % 10}", label=f"{variant} ({len(series)} seeds)")
+            ax.plot(x, mean, "-o", markersize=3, color=f"C{i % 10}", label=seeds_label(variant, len(series)))
             if len(series) > 1:
                 ax.fill_between(x, low, high, color=f"C{i % 10}", alpha=0.2)
-        ax.set_yscale("log")
+        values = [g[1 + column] for series in groups.values() for gains in series for g in gains]
+        if max(values) > 4 * min(values):  # geometric growth reads as a line; near 1, linear is clearer
+            ax.set_yscale("log")
+        else:
+            ax.ticklabel_format(axis="y", useOffset=False)
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xlabel("step")
         ax.set_ylabel(f"composite {direction} gain")
@@ -321,6 +330,43 @@ def plot_gains_vs_step(runs: list[RunRecord], path: Path) -> Optional[Path]:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     figure.tight_layout()
+    figure.savefig(path)
+    return path
+
+
+def last_report(run_dir: Path) -> Optional[dict]:
+    """The run's newest probe report (RUN/diagnostics/step_N/diagnostics.json), None without one."""
+    reports = sorted((run_dir / "diagnostics").glob("step_*/diagnostics.json"))
+    return json.loads(reports[-1].read_text()) if reports else None
+
+
+def plot_h_res_side_by_side(runs: list[RunRecord], path: Path) -> Optional[Path]:
+    """The token-mean H_res of every sublayer at the last probe, one panel per variant (its first seed),
+    tiles in depth order (rows of 8), one color scale for all."""
+    import numpy as np
+
+    from .plots import h_res_mosaic
+
+    reports = {}
+    for variant, members in by_variant(runs).items():
+        report = last_report(members[0].path)
+        if report is not None:
+            reports[variant] = (members[0].name, report)
+    if not reports:
+        return None
+    mosaics = {v: h_res_mosaic(r, min(8, len(r["sublayers"]))) for v, (_, r) in reports.items()}
+    largest = max(float(np.nanmax(np.abs(m))) for m in mosaics.values())
+    negative = any(float(np.nanmin(m)) < 0 for m in mosaics.values())
+    figure, axes = _axes(len(mosaics), width=4.0, height=4.0 + max(m.shape[0] for m in mosaics.values()) / 8)
+    for ax, (variant, mosaic) in zip(axes, mosaics.items()):
+        name, report = reports[variant]
+        image = ax.imshow(mosaic, cmap="RdBu_r" if negative else "viridis", vmin=-largest if negative else 0,
+                          vmax=largest)
+        ax.set_title(f"{variant} ({name}, step {report['step']})\n{len(report['sublayers'])} sublayers, "
+                     "rows of 8 in depth order", fontsize=8)
+        ax.set_axis_off()
+    figure.colorbar(image, ax=list(axes), shrink=0.8)
+    figure.suptitle("token-mean H_res at the last probe (row i: what new stream i reads)", fontsize=10)
     figure.savefig(path)
     return path
 
@@ -341,7 +387,8 @@ def compare(paths: list[Path], out_dir: Path) -> tuple[list[dict], dict[str, Pat
     files["runs.md"].write_text(markdown_table(run_rows))
     write_csv(run_rows, files["runs.csv"])
     for name, plot in (("loss_vs_tokens.png", lambda p: plot_loss_vs_tokens(runs, val_tokens, p)),
-                       ("gains_vs_step.png", lambda p: plot_gains_vs_step(runs, p))):
+                       ("gains_vs_step.png", lambda p: plot_gains_vs_step(runs, p)),
+                       ("h_res_heatmaps.png", lambda p: plot_h_res_side_by_side(runs, p))):
         if plot(out_dir / name) is not None:
             files[name] = out_dir / name
     return rows, files
