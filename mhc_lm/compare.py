@@ -218,7 +218,8 @@ COLUMN_NAMES = {"val_loss": "val loss", "tokens_per_s": "tokens/s", "activation_
 
 def summary_markdown(rows: list[dict], val_tokens: Optional[int]) -> str:
     """The per-variant table: mean ± std over seeds; n/a where a run recorded nothing."""
-    from .evaluation import format_cell
+    def format_cell(value: float) -> str:  # speeds and large gains as integers, losses to 4 decimals
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}"
 
     def pm(row, key):
         mean, spread = row[f"{key}_mean"], row[f"{key}_std"]

@@ -98,7 +98,7 @@ def test_the_report_files_hold_the_same_numbers(sweep, tmp_path):
     table = {r["residual"]: r for r in csv.DictReader(open(files["summary.csv"]))}
     assert float(table["hc"]["val_loss_mean"]) == pytest.approx(3.90)
     markdown = files["summary.md"].read_text()
-    assert "| hc | 3 (0 1 2) | 3.9000 ± 0.0500 | 600.0000 ± 100.0000 | 0.57x | n/a |" in markdown
+    assert "| hc | 3 (0 1 2) | 3.9000 ± 0.0500 | 600 ± 100 | 0.57x | n/a | 2,000 ± 1,000 |" in markdown
     assert "first 16,384 validation tokens" in markdown
     runs = list(csv.DictReader(open(files["runs.csv"])))
     assert [r["run"] for r in runs] == sorted(f"{v}-s{s}" for v, s in RUNS)
