@@ -222,7 +222,7 @@ def plot_loss_vs_tokens(rows: list[dict], sources, out_dir: Path, max_tokens: in
     measured.set_title(f"eval.py: loss on the first {said} tokens of the split", fontsize=9)
     train_said = ", ".join(f"{b:,}" for b in sorted(b for b in train_budgets if b)) or "unknown"
     logged.set_title(f"train.py: validation loss on its first {train_said} tokens\n"
-                     "(a smaller sample: not comparable with the left panel)", fontsize=9)
+                     "(another sample of the split: not comparable with the left panel)", fontsize=9)
     for ax in (measured, logged):
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
