@@ -4,11 +4,11 @@
     python train.py residual=residual                 # the plain pre-norm baseline, same budget
     python train.py model=base residual=mhc data=local data.files=[corpus/*.txt] trainer.max_steps=20000
 
-Reads top to bottom: validate the config, prepare data, build the model, resume if a checkpoint
-exists, then the loop (lr from the step, gradient accumulation with the loss normalized per token,
-clipping, logging with gradient norms, periodic validation, mixing diagnostics and checkpoints), a final
-Hugging Face export that carries its modeling code, and with hub.push=true its upload to the Hugging
-Face Hub.
+Reads top to bottom: `check_before_work` (everything that needs no work), `build_run` (accelerator,
+data, model, optimizer: the parts of a `Run`), `resume` to a `TrainState`, then `train`'s loop (lr from
+the step, `train_step` from mhc_lm/training.py, every periodic action through `due`: logging with
+gradient norms, validation, mixing diagnostics, checkpoints), and `finish`: a Hugging Face export that
+carries its modeling code and, with hub.push=true, its upload to the Hub.
 """
 
 from __future__ import annotations
@@ -18,261 +18,265 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from mhc_lm.config import TrainConfig, register_configs, validate
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from mhc_lm.cli import reported, run
+from mhc_lm.config import TrainConfig, register_configs, validate
 from mhc_lm.console import console_to_log, quiet_libraries
-from mhc_lm.distributed import strip_local_rank_flag
+from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
+from mhc_lm.diagnostics import log_diagnostics, probe_batch
+from mhc_lm.distributed import (Preemption, check_rendezvous_env, engine_name, parameter_count,
+                                strip_local_rank_flag)
 from mhc_lm.errors import ConfigError
+from mhc_lm.export import check_bundle, export_model
+from mhc_lm.hub import check_push_access, push
+from mhc_lm.kernels import check_before_training
+from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
+from mhc_lm.model import MhcForCausalLM, build_config
+from mhc_lm.optim import build_optimizer, lr_at, set_lr
+from mhc_lm.run_dir import RunDir
+from mhc_lm.tracking import Tracker
+from mhc_lm.training import (Backward, StepResult, TrainState, due, make_accelerator, make_backward,
+                             train_step)
 
 register_configs()
 
 
-def resolve_precision(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+@dataclass
+class Run:
+    """The parts of a run, built once by `build_run`; the loop and the periodic actions read them."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    accelerator: Any
+    grad_accum: int
+    data: Any  # mhc_lm.data.PreparedData: tokenizer, validation tokens, unigram sample
+    loader: Any  # this rank's stateful training loader
+    model_config: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    backward: Backward
+    tracker: Tracker
+    run_config: dict
+    unigram: float
+    step_flops: float
+    preemption: Preemption
+    progress: Any = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.trainer.batch_size * self.grad_accum * self.accelerator.num_processes * self.cfg.data.seq_len
 
 
-def make_accelerator(cfg: TrainConfig):
-    """The Accelerator for this launch (single process, DDP, FSDP or DeepSpeed, from the environment),
-    configured by our rules; returns (accelerator, grad_accum, precision)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
-
-    from mhc_lm.distributed import check_engine, configure_deepspeed, configure_fsdp, resolve_grad_accum
-
-    precision = resolve_precision(cfg.trainer.precision)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    grad_accum = resolve_grad_accum(cfg, world_size)
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    # Several CPU processes (torchrun / accelerate launch without GPUs) talk over gloo. Naming a
-    # backend in a single process would make accelerate expect a process group, so only then; and
-    # DDP on CPU needs cpu=True (else accelerate leaves the model unwrapped), DeepSpeed must not get it.
-    distributed_cpu = not torch.cuda.is_available() and world_size > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed_cpu else []
-    accelerator = Accelerator(
-        # DeepSpeed's own bf16 would cast the connection parameters; it gets torch_autocast instead.
-        mixed_precision="no" if precision == "fp32" or deepspeed else precision,
-        gradient_accumulation_steps=grad_accum,
-        dynamo_backend="inductor" if cfg.trainer.compile else None,
-        kwargs_handlers=handlers,
-        cpu=distributed_cpu and not deepspeed,
-    )
-    check_engine(accelerator, world_size)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        configure_deepspeed(accelerator, cfg, grad_accum, precision)
-    elif accelerator.distributed_type == DistributedType.FSDP:
-        configure_fsdp(accelerator)
-    return accelerator, grad_accum, precision
-
-
-def train_step(model, optimizer, batches: list[torch.Tensor], accelerator, grad_clip: float, grad_norms=None):
-    """One optimizer step over this process's micro-batches; returns (loss per token, grad norm, tokens,
-    the `grad_norms` monitor's per-group norms before clipping, {} without one).
-
-    The loss is normalized by the tokens of the whole step on all ranks. accelerate divides each
-    micro-batch loss by grad_accum and DDP averages over ranks: we undo both, so the gradient is
-    (sum of token losses) / (tokens in the step), whatever the accumulation and the world size.
-    """
-    from mhc_lm.metrics import token_loss_sum
-
-    device, world = accelerator.device, accelerator.num_processes
-    local_tokens = torch.tensor(sum(b[:, 1:].numel() for b in batches), device=device)
-    step_tokens = accelerator.reduce(local_tokens, reduction="sum").item()
-    scale = len(batches) * world / step_tokens
-    loss_sum = torch.zeros((), device=device)
-    grad_norm, group_norms = torch.zeros(()), {}
-    deepspeed_norms = getattr(grad_norms, "sharded", None) == "deepspeed"  # any callable monitor will do
-    for batch in batches:
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                micro_loss, _ = token_loss_sum(model, batch)
-            if deepspeed_norms and accelerator.sync_gradients:
-                # accelerate's backward runs DeepSpeed's step (clipping, update, zero_grad) right after
-                # its backward: do the two by hand to read the reduced gradients in between.
-                engine = accelerator.deepspeed_engine_wrapped.engine
-                engine.set_gradient_accumulation_boundary(is_boundary=True)
-                engine.backward(micro_loss * scale)
-                group_norms = grad_norms()
-                engine.step()
-            else:
-                accelerator.backward(micro_loss * scale)
-            loss_sum += micro_loss.detach()
-            if accelerator.sync_gradients:
-                if grad_norms is not None and not deepspeed_norms:  # before clipping; fp16 loss scale divided out
-                    group_norms = grad_norms(accelerator.scaler.get_scale() if accelerator.scaler else 1.0)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
-    return loss, float(grad_norm), step_tokens, group_norms
-
-
-def train(cfg: TrainConfig, run_dir: Path) -> float:
-    from accelerate.utils import DistributedType, set_seed
-    from tqdm.auto import tqdm
-
-    from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
-    from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
-    from mhc_lm.diagnostics import GradNorms, log_diagnostics, probe_batch
-    from mhc_lm.distributed import Preemption, check_rendezvous_env, engine_name, parameter_count
-    from mhc_lm.export import check_bundle, export_model
-    from mhc_lm.hub import check_push_access, push
-    from mhc_lm.kernels import check_before_training
-    from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
-    from mhc_lm.model import MhcForCausalLM, build_config
-    from mhc_lm.optim import build_optimizer, lr_at, set_lr
-    from mhc_lm.tracking import Tracker
-
-    # 1. Everything that can be checked without doing work.
+def check_before_work(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
+    """Everything that can be checked before any work; returns the checkpoint to resume from, if any."""
     validate(cfg)
     quiet_libraries()
-    tcfg = cfg.trainer
-    run_config = {"model": dataclasses.asdict(cfg.model), "residual": dict(cfg.residual)}
-    checkpoint = resolve_resume(tcfg.resume, run_dir)
+    checkpoint = resolve_resume(cfg.trainer.resume, run_dir)
     if checkpoint is not None:
-        check_compatible(checkpoint, run_config)
-    hub = cfg.hub
-    if tcfg.export or hub.push:
+        check_compatible(checkpoint, run_config_of(cfg))
+    if cfg.trainer.export or cfg.hub.push:
         check_bundle()  # the export's modeling code: a bundling problem shows now, not after training
-    if (hub.push or hub.push_checkpoints) and int(os.environ.get("RANK", "0")) == 0:
-        check_push_access(hub.repo, option="hub.repo")  # a token that can write, before hours of training
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
+    if (cfg.hub.push or cfg.hub.push_checkpoints) and int(os.environ.get("RANK", "0")) == 0:
+        check_push_access(cfg.hub.repo, option="hub.repo")  # a token that can write, before hours of training
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
     check_rendezvous_env()
+    return checkpoint
+
+
+def run_config_of(cfg: TrainConfig) -> dict:
+    """The model and residual configuration a checkpoint is checked against on resume."""
+    return {"model": dataclasses.asdict(cfg.model), "residual": dict(cfg.residual)}
+
+
+def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
+    """Accelerator, data (rank 0 first, the others read its cache), model, optimizer, tracker."""
     accelerator, grad_accum, precision = make_accelerator(cfg)
     # The kernels' self-check on this GPU: a failure is one line here, not a crash inside a step.
     check_before_training(cfg.residual.get("kernel", "auto"), cfg.residual["n"], accelerator.device)
-    set_seed(tcfg.seed)
-    is_main = accelerator.is_main_process
-    preemption = Preemption()
-
-    # 2. Data: tokenizer, validation tokens and this rank's training loader, whatever the source
-    #    (rank 0 first, the others read its cache).
+    set_seed(cfg.trainer.seed)
+    preemption = Preemption()  # from here on SIGTERM / SIGUSR1 mean: checkpoint at the end of the step
     with accelerator.main_process_first():
         data = prepare_data(cfg.data)
-    vocab_size = cfg.model.vocab_size or cfg.model.vocab_multiple * math.ceil(data.vocab_size / cfg.model.vocab_multiple)
-    if vocab_size < data.vocab_size:
-        raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's {data.vocab_size} tokens; "
-                          f"allowed: >= {data.vocab_size}, or null")
-    loader = make_train_loader(data, tcfg.batch_size, tcfg.seed, accelerator.process_index, accelerator.num_processes)
-
-    # 3. Model and optimizer.
-    model_config = build_config(cfg.model, cfg.residual, vocab_size, data.eot_id)
+    model_config = build_config(cfg.model, cfg.residual, model_vocab_size(cfg, data.vocab_size), data.eot_id)
     model = MhcForCausalLM(model_config)
-    optimizer = build_optimizer(model, cfg.optim)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    step, tokens_seen, train_time = 0, 0, 0.0
-    if checkpoint is not None:
-        trainer_state, data_states = load_checkpoint(accelerator, checkpoint)
-        loader.load_state_dict(state_for_rank(data_states, accelerator.process_index, accelerator.num_processes,
+    model, optimizer = accelerator.prepare(model, build_optimizer(model, cfg.optim))
+    tracker = Tracker(cfg.logger, run_dir, {**dataclasses.asdict(cfg), "n_params": parameter_count(model)},
+                      enabled=accelerator.is_main_process)
+    run = Run(cfg, run_dir, accelerator, grad_accum, data,
+              make_train_loader(data, cfg.trainer.batch_size, cfg.trainer.seed, accelerator.process_index,
+                                accelerator.num_processes),
+              model_config, model, optimizer, make_backward(accelerator, model, cfg.logger.grad_norms), tracker,
+              run_config_of(cfg), unigram_loss(data.unigram_sample, data.validation, data.vocab_size), 0.0,
+              preemption)
+    run.step_flops = flops_per_token(model_config, cfg.data.seq_len) * run.tokens_per_step
+    announce(run, precision)
+    return run
+
+
+def model_vocab_size(cfg: TrainConfig, tokenizer_vocab: int) -> int:
+    """model.vocab_size, or the tokenizer's rounded up to model.vocab_multiple."""
+    vocab_size = cfg.model.vocab_size or cfg.model.vocab_multiple * math.ceil(tokenizer_vocab / cfg.model.vocab_multiple)
+    if vocab_size < tokenizer_vocab:
+        raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's {tokenizer_vocab} tokens; "
+                          f"allowed: >= {tokenizer_vocab}, or null")
+    return vocab_size
+
+
+def announce(run: Run, precision: str) -> None:
+    cfg, accelerator = run.cfg, run.accelerator
+    accelerator.print(f"{parameter_count(run.model) / 1e6:.2f}M parameters | residual={cfg.residual['name']} "
+                      f"n={run.model_config.num_streams} | {engine_name(accelerator)} x {accelerator.num_processes} | "
+                      f"{precision} | {run.tokens_per_step} tokens/step | {run.data.describe()} | "
+                      f"unigram val loss {run.unigram:.3f} | run dir {run.run_dir}")
+
+
+def resume(run: Run, checkpoint: Path) -> TrainState:
+    """Model, optimizer, RNG and data position from `checkpoint`; the state the loop continues from."""
+    saved, data_states = load_checkpoint(run.accelerator, checkpoint)
+    accelerator = run.accelerator
+    run.loader.load_state_dict(state_for_rank(data_states, accelerator.process_index, accelerator.num_processes,
                                               str(checkpoint)))
-        step, tokens_seen, train_time = trainer_state["step"], trainer_state["tokens_seen"], trainer_state["train_time"]
-        accelerator.print(f"Resumed from {checkpoint} at step {step}")
+    state = TrainState()
+    state.load_state_dict(saved)
+    accelerator.print(f"Resumed from {checkpoint} at step {state.step}")
+    return state
 
-    n_params = parameter_count(model)
-    tokens_per_step = tcfg.batch_size * grad_accum * accelerator.num_processes * cfg.data.seq_len
-    unigram = unigram_loss(data.unigram_sample, data.validation, data.vocab_size)
-    peak = peak_flops(accelerator.device)
-    step_flops = flops_per_token(model_config, cfg.data.seq_len) * tokens_per_step
-    tracker = Tracker(cfg.logger, run_dir, {**dataclasses.asdict(cfg), "n_params": n_params}, enabled=is_main)
-    accelerator.print(f"{n_params / 1e6:.2f}M parameters | residual={cfg.residual['name']} n={model_config.num_streams}"
-                      f" | {engine_name(accelerator)} x {accelerator.num_processes} | {precision} | "
-                      f"{tokens_per_step} tokens/step | {data.describe()} | "
-                      f"unigram val loss {unigram:.3f} | run dir {run_dir}")
 
-    def validation_loss() -> float:
-        batches = eval_batches(data.validation, cfg.data.seq_len, tcfg.batch_size, tcfg.eval_batches,
-                               accelerator.process_index, accelerator.num_processes)
-        return evaluate_loss(model, batches, accelerator)
+def log_step(run: Run, state: TrainState, result: StepResult, lr: float, seconds: float) -> None:
+    """Gradient norms by group every step; loss, lr, throughput and MFU every trainer.log_every steps."""
+    metrics = dict(result.group_norms)
+    if due(state.step, run.cfg.trainer.log_every, run.cfg.trainer.max_steps):
+        metrics.update({"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
+                        "train/tokens_per_s": result.tokens / seconds, "train/step_time_s": seconds,
+                        "train/tokens_seen": state.tokens_seen})
+        peak = peak_flops(run.accelerator.device)
+        if peak:
+            metrics["train/mfu"] = run.step_flops / seconds / (peak * run.accelerator.num_processes)
+        run.progress.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{result.tokens / seconds:,.0f}")
+    if metrics:
+        run.tracker.log(metrics, state.step)
 
-    def trainer_state() -> dict:
-        return {"step": step, "tokens_seen": tokens_seen, "train_time": train_time}
 
-    # Diagnostics (SPEC section 6): gradient norms every step, the mixing probe every logger.diag_every steps.
-    sharded = "deepspeed" if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    grad_norms = GradNorms(model, sharded) if cfg.logger.grad_norms else None
-    probe = probe_batch(data.validation, cfg.data.seq_len, cfg.logger.diag_batch_size)
+def validation_loss(run: Run) -> float:
+    tcfg, accelerator = run.cfg.trainer, run.accelerator
+    batches = eval_batches(run.data.validation, run.cfg.data.seq_len, tcfg.batch_size, tcfg.eval_batches,
+                           accelerator.process_index, accelerator.num_processes)
+    return evaluate_loss(run.model, batches, accelerator)
 
-    def checkpoint_now() -> None:
-        saved = save_checkpoint(accelerator, run_dir, step, trainer_state(), loader.state_dict(), run_config,
-                                tcfg.keep_last, model_config=model_config, tokenizer=data.tokenizer)
-        if hub.push_checkpoints and is_main:
-            url = push(str(saved), hub.repo, private=hub.private, revision=f"step-{step}", option="hub.repo")
-            progress.write(f"step {step}: pushed to {url}")
 
-    # 4. The loop. One iteration = one optimizer step = grad_accum micro-batches per process.
-    model.train()
+def validate_now(run: Run, step: int) -> float:
+    val_loss = validation_loss(run)
+    run.tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, step)
+    if run.is_main:
+        run.progress.write(f"step {step}: val loss {val_loss:.4f} (unigram {run.unigram:.3f})")
+    return val_loss
+
+
+def diagnose(run: Run, step: int, probe: torch.Tensor) -> None:
+    """The mixing probe (docs/diagnostics.md), on rank 0, eager and under the run's autocast (hooks and
+    .item() in a compiled graph would recompile it)."""
+    if run.is_main:
+        model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+        log_diagnostics(model, probe, step, run.run_dir, run.tracker)
+
+
+def save(run: Run, state: TrainState) -> None:
+    """A checkpoint of this step (atomic, on every rank), pushed to the Hub with hub.push_checkpoints."""
+    saved = save_checkpoint(run.accelerator, run.run_dir, state.step, state.state_dict(), run.loader.state_dict(),
+                            run.run_config, run.cfg.trainer.keep_last, model_config=run.model_config,
+                            tokenizer=run.data.tokenizer)
+    hub = run.cfg.hub
+    if hub.push_checkpoints and run.is_main:
+        url = push(str(saved), hub.repo, private=hub.private, revision=f"step-{state.step}", option="hub.repo")
+        run.progress.write(f"step {state.step}: pushed to {url}")
+
+
+def stop_requested(run: Run, step: int) -> bool:
+    """trainer.stop_at_step reached, or a preemption signal on any rank (every rank learns it)."""
+    stop_at = run.cfg.trainer.stop_at_step
+    return (stop_at is not None and step >= stop_at) or run.preemption.requested(run.accelerator)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> float:
+    """Check, build, resume, then the loop: one iteration = one optimizer step = grad_accum micro-batches
+    per process; every periodic action through `due`. Returns the final validation loss."""
+    checkpoint = check_before_work(cfg, run_dir)
+    run = build_run(cfg, run_dir)
+    state = resume(run, checkpoint) if checkpoint is not None else TrainState()
+    tcfg, last, accelerator = cfg.trainer, cfg.trainer.max_steps, run.accelerator
+    probe = probe_batch(run.data.validation, cfg.data.seq_len, cfg.logger.diag_batch_size)
+    run.progress = tqdm(total=last, initial=state.step, disable=not run.is_main, desc="Training", unit="step")
     val_loss = float("nan")
-    progress = tqdm(total=tcfg.max_steps, initial=step, disable=not is_main, desc="Training", unit="step")
-    while step < tcfg.max_steps:
+    run.model.train()
+    while state.step < last:
         started = time.perf_counter()
-        lr = lr_at(step, cfg.optim, tcfg.max_steps)
-        set_lr(optimizer, lr)
-        batches = [loader.next_batch().to(accelerator.device) for _ in range(grad_accum)]
-        loss, grad_norm, step_tokens, group_norms = train_step(model, optimizer, batches, accelerator,
-                                                               cfg.optim.grad_clip, grad_norms)
-        step += 1
-        tokens_seen += step_tokens
-        step_time = time.perf_counter() - started
-        train_time += step_time
-        progress.update(1)
-
-        metrics = dict(group_norms)  # every step
-        if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-            metrics.update({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                            "train/tokens_per_s": step_tokens / step_time, "train/step_time_s": step_time,
-                            "train/tokens_seen": tokens_seen})
-            if peak:
-                metrics["train/mfu"] = step_flops / step_time / (peak * accelerator.num_processes)
-            progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / step_time:,.0f}")
-        if metrics:
-            tracker.log(metrics, step)
-        diag_every = cfg.logger.diag_every
-        if diag_every and is_main and (step % diag_every == 0 or step == tcfg.max_steps):
-            # Eager (hooks and .item() in a compiled graph would recompile it), under the run's autocast.
-            log_diagnostics(accelerator.unwrap_model(model, keep_torch_compile=False), probe, step, run_dir, tracker)
-        if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
-            val_loss = validation_loss()
-            tracker.log({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, step)
-            if is_main:
-                progress.write(f"step {step}: val loss {val_loss:.4f} (unigram {unigram:.3f})")
-        stop_now = (tcfg.stop_at_step is not None and step >= tcfg.stop_at_step) or preemption.requested(accelerator)
-        if (tcfg.ckpt_every and step % tcfg.ckpt_every == 0) or step == tcfg.max_steps or stop_now:
-            checkpoint_now()
-        if stop_now:
+        lr = lr_at(state.step, cfg.optim, last)
+        set_lr(run.optimizer, lr)
+        batches = [run.loader.next_batch().to(accelerator.device) for _ in range(run.grad_accum)]
+        result = train_step(run.model, run.optimizer, batches, accelerator, cfg.optim.grad_clip, run.backward)
+        seconds = time.perf_counter() - started
+        state.advance(result.tokens, seconds)
+        run.progress.update(1)
+        log_step(run, state, result, lr, seconds)
+        if due(state.step, cfg.logger.diag_every, last):
+            diagnose(run, state.step, probe)
+        if due(state.step, tcfg.eval_every, last):
+            val_loss = validate_now(run, state.step)
+        stop = stop_requested(run, state.step)
+        if stop or state.step == last or due(state.step, tcfg.ckpt_every, last):
+            save(run, state)
+        if stop:
             break
-    progress.close()
-    if step < tcfg.max_steps:
-        tracker.finish()
-        accelerator.end_training()
-        why = f"on {preemption.received}" if preemption.received else "at trainer.stop_at_step"
-        accelerator.print(f"run dir: {run_dir} | stopped {why} at step {step} of {tcfg.max_steps}, checkpoint saved; "
-                          f"continue with: python train.py hydra.run.dir={run_dir} trainer.resume=auto")
-        return val_loss
+    run.progress.close()
+    return finish(run, state, val_loss) if state.step == last else stopped(run, state, val_loss)
 
-    # 5. The final model as a Hugging Face export (tokenizer and modeling code included), and its upload.
+
+def stopped(run: Run, state: TrainState, val_loss: float) -> float:
+    """Stopped early (preemption or trainer.stop_at_step): the checkpoint is saved, say how to continue."""
+    run.tracker.finish()
+    run.accelerator.end_training()
+    why = f"on {run.preemption.received}" if run.preemption.received else "at trainer.stop_at_step"
+    run.accelerator.print(f"run dir: {run.run_dir} | stopped {why} at step {state.step} of {run.cfg.trainer.max_steps}, "
+                          f"checkpoint saved; continue with: python train.py hydra.run.dir={run.run_dir} "
+                          "trainer.resume=auto")
+    return val_loss
+
+
+def finish(run: Run, state: TrainState, val_loss: float) -> float:
+    """The final model as a Hugging Face export (tokenizer and modeling code included), and its upload."""
+    cfg, accelerator = run.cfg, run.accelerator
     if math.isnan(val_loss):  # resumed at max_steps: nothing ran, still report the model's loss
-        val_loss = validation_loss()
-    if tcfg.export or hub.push:
-        export_model(accelerator, model, data.tokenizer, run_dir / "export", trainer_state=trainer_state())
-    tracker.log({"final/val_loss": val_loss, "final/unigram_loss": unigram}, step)
-    tracker.finish()
-    if hub.push and is_main:  # after the final metrics are written: the model card reads them
-        url = push(str(run_dir), hub.repo, private=hub.private, revision=hub.revision, option="hub.repo",
-                   revision_option="hub.revision")
+        val_loss = validation_loss(run)
+    if cfg.trainer.export or cfg.hub.push:
+        export_model(accelerator, run.model, run.data.tokenizer, RunDir(run.run_dir).export,
+                     trainer_state=state.state_dict())
+    run.tracker.log({"final/val_loss": val_loss, "final/unigram_loss": run.unigram}, state.step)
+    run.tracker.finish()
+    if cfg.hub.push and run.is_main:  # after the final metrics are written: the model card reads them
+        url = push(str(run.run_dir), cfg.hub.repo, private=cfg.hub.private, revision=cfg.hub.revision,
+                   option="hub.repo", revision_option="hub.revision")
         accelerator.print(f"pushed the final model to {url}")
-    tokens_per_s = tokens_seen / train_time if train_time else float("nan")
+    tokens_per_s = state.tokens_seen / state.train_time if state.train_time else float("nan")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    accelerator.print(f"run dir: {run_dir} | final val loss: {val_loss:.4f} (unigram {unigram:.3f}) | "
+    accelerator.print(f"run dir: {run.run_dir} | final val loss: {val_loss:.4f} (unigram {run.unigram:.3f}) | "
                       f"tokens/s: {tokens_per_s:,.0f}")
     return val_loss
 

@@ -85,14 +85,24 @@ def saved_for_backward(forward: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+# Nominal memory bandwidth in bytes/s by device name, the most specific name first (vendor data sheets).
+PEAK_BANDWIDTH = (
+    ("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),  # H100 SXM: "H100 80GB HBM3"
+    ("A100 80GB PCIe", 1.935e12), ("A100-SXM4-80GB", 2.0e12), ("A100", 1.555e12),  # A100 40GB
+    ("B200", 8.0e12), ("L40S", 0.864e12), ("L40", 0.864e12), ("A10G", 0.6e12), ("L4", 0.3e12), ("4090", 1.008e12),
+)
+
+
+def peak_bandwidth_by_name(name: str) -> float | None:
+    """The nominal peak bandwidth of a device called `name` (torch.cuda.get_device_name), None when unknown."""
+    return next((bandwidth for key, bandwidth in PEAK_BANDWIDTH if key in name), None)
+
+
 def peak_bandwidth(device: torch.device) -> float | None:
-    """The device's nominal memory bandwidth in bytes/s (double data rate x bus width x memory clock)."""
+    """The device's nominal memory bandwidth in bytes/s (PEAK_BANDWIDTH); None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    props = torch.cuda.get_device_properties(device)
-    clock_hz = getattr(props, "memory_clock_rate", 0) * 1000
-    bus_bytes = getattr(props, "memory_bus_width", 0) / 8
-    return 2 * bus_bytes * clock_hz or None
+    return peak_bandwidth_by_name(torch.cuda.get_device_name(device))
 
 
 def mib(nbytes: int | None) -> str:
@@ -113,7 +123,7 @@ def compare(impls: dict[str, Callable], x: torch.Tensor, grad: torch.Tensor, tra
             fn(x).backward(grad)
 
         seconds = timed(step, device, warmup, repeat)
-        row = {**labels, "impl": name, "ms": f"{seconds * 1e3:,.2f}", "_s": seconds,
+        row = {**labels, "impl": name, "ms": f"{seconds * 1e3:,.2f}", "_s": seconds, "_bw": traffic / seconds,
                "saved MiB": mib(saved_for_backward(lambda: fn(x))), "peak MiB": mib(peak_memory(step, device))}
         if peak_bw:
             row["% peak BW"] = f"{100 * traffic / seconds / peak_bw:.1f}"
@@ -142,6 +152,8 @@ def comparison_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile's backend for the compile row (eager: dynamo alone, a quick rehearsal)")
     return parser
 
 

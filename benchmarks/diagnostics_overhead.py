@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import common  # noqa: F401  (puts the checkout on sys.path: train.py is a script at the root)
-from train import make_accelerator, train_step
+from mhc_lm.training import Backward, due, make_accelerator, train_step
 
 
 def compose(overrides: list[str]):
@@ -95,7 +95,7 @@ class Bench:
         model, optimizer, loader = self.fresh()
         tracker, run_dir = self.tracker()
         times = {"run": [], "step": [], "grad_norms": [], "diagnostics": []}
-        grad_norms = timed(GradNorms(model), times["grad_norms"]) if diagnostics else None
+        monitor = timed(GradNorms(model), times["grad_norms"]) if diagnostics else None
         probe = timed(log_diagnostics, times["diagnostics"])
         log_every = self.cfg.trainer.log_every
         run_started = time.perf_counter()
@@ -103,14 +103,14 @@ class Bench:
             started = time.perf_counter()
             set_lr(optimizer, lr_at(step - 1, self.cfg.optim, steps))
             loss, grad_norm, _, group_norms = train_step(model, optimizer, self.batches(loader), self.accelerator,
-                                                         self.cfg.optim.grad_clip, grad_norms)
+                                                         self.cfg.optim.grad_clip, Backward(self.accelerator, monitor))
             metrics = dict(group_norms)
-            if step % log_every == 0 or step == steps:
+            if due(step, log_every, steps):
                 metrics.update({"train/loss": loss, "train/grad_norm": grad_norm})
             if metrics:
                 tracker.log(metrics, step)
             times["step"].append(time.perf_counter() - started)
-            if diagnostics and (step % every == 0 or step == steps):
+            if diagnostics and due(step, every, steps):
                 probe(self.accelerator.unwrap_model(model), self.probe, step, run_dir, tracker)
         times["run"].append(time.perf_counter() - run_started)
         tracker.finish()

@@ -60,8 +60,8 @@ def glue_kernels(n: int):
     sizes = {"N": "i32", "C": "i32", "stride_xt": "i64", "stride_xn": "i64"}
     write_in = {"x_ptr": BF16, "out_ptr": BF16, "h_ptr": F32, "comb_ptr": F32}
     return 4, [
-        (glue._collapse_fwd_kernel, {"x_ptr": BF16, "h_ptr": F32, "y_ptr": BF16, **sizes}, meta),
-        (glue._collapse_bwd_kernel,
+        (glue._read_fwd_kernel, {"x_ptr": BF16, "h_ptr": F32, "y_ptr": BF16, **sizes}, meta),
+        (glue._read_bwd_kernel,
          {"x_ptr": BF16, "h_ptr": F32, "grad_y_ptr": BF16, "grad_x_ptr": BF16, "grad_h_ptr": F32, **sizes}, meta),
         (glue._write_fwd_kernel, {**write_in, "y_ptr": BF16, **sizes, "stride_ot": "i64"}, meta),
         (glue._write_bwd_kernel,

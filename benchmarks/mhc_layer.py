@@ -3,8 +3,8 @@
     python benchmarks/mhc_layer.py                                  # 64K and 1M tokens, n = 4, width 1024
     python benchmarks/mhc_layer.py --tokens 65536 --dim 256 --device cpu --repeat 3
 
-The mixer of SPEC sections 1-3 around an identity branch, so that only the mixing is measured: the
-coefficient generator (RMS, the matmul with `fn`, the epilogue with the Sinkhorn), the pre-collapse and
+The mixer of docs/residual.md around an identity branch, so that only the mixing is measured: the
+coefficient generator (RMS, the matmul with `fn`, the epilogue with the Sinkhorn), the read and
 the post + residual write. Implementations:
   eager     `residual.kernel=torch`: the PyTorch path
   compile   torch.compile (inductor) of the PyTorch path
@@ -35,7 +35,8 @@ def implementations(args, device: torch.device) -> dict:
         return make_mixer("mhc", args.dim, args.n, 0, kernel=kernel, sinkhorn_iters=args.iters).to(device)
 
     eager = mixer("torch")
-    impls = {"eager": lambda x: eager(x, identity), "compile": torch.compile(lambda x: eager(x, identity))}
+    impls = {"eager": lambda x: eager(x, identity),
+             "compile": torch.compile(lambda x: eager(x, identity), backend=args.compile_backend)}
     if device.type == "cuda" and triton_available():
         fused = mixer("triton")
         impls["triton"] = lambda x: fused(x, identity)
@@ -50,12 +51,16 @@ def run(tokens: int, args, device: torch.device) -> list[dict]:
                    ideal_traffic, args.warmup, args.repeat, tokens=tokens)
 
 
-def main() -> None:
+def build_parser():
     parser = comparison_parser(__doc__)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="the streams' dtype (float32 in our bf16-autocast training)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = pick_device(args.device)
     report(f"mhc mixer forward + backward, n={args.n}, dim={args.dim}, {args.dtype} streams", args, device,
            lambda tokens: run(tokens, args, device))

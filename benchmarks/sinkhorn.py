@@ -3,7 +3,7 @@
     python benchmarks/sinkhorn.py                                   # 64K and 1M tokens, n = 4, 20 iterations
     python benchmarks/sinkhorn.py --tokens 65536 --repeat 3 --device cpu
 
-Implementations (all the same function, SPEC section 3):
+Implementations (all the same function, docs/sinkhorn.md):
   eager     mhc_lm's PyTorch path: an autograd Function that keeps only the logits and recomputes the
             exact unrolled gradient (`sinkhorn(..., kernel="torch")`), what runs without the kernels
   autograd  the plain loop differentiated by autograd (`sinkhorn_reference`): keeps every iterate
@@ -26,11 +26,11 @@ from mhc_lm.kernels import triton_available
 from mhc_lm.residual.sinkhorn import sinkhorn, sinkhorn_reference
 
 
-def implementations(device: torch.device, iters: int, eps: float) -> dict:
+def implementations(device: torch.device, iters: int, eps: float, backend: str = "inductor") -> dict:
     impls = {
         "eager": lambda x: sinkhorn(x, iters, eps, kernel="torch"),
         "autograd": lambda x: sinkhorn_reference(x, iters, eps),
-        "compile": torch.compile(lambda x: sinkhorn_reference(x, iters, eps)),
+        "compile": torch.compile(lambda x: sinkhorn_reference(x, iters, eps), backend=backend),
     }
     if device.type == "cuda" and triton_available():
         impls["triton"] = lambda x: sinkhorn(x, iters, eps, kernel="triton")
@@ -47,15 +47,19 @@ def run(tokens: int, n: int, args, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     logits = (torch.randn(tokens, n, n, device=device) * 3).to(getattr(torch, args.dtype)).requires_grad_()
     grad = torch.randn(tokens, n, n, device=device)
-    return compare(implementations(device, args.iters, args.eps), logits, grad, minimal_traffic(logits),
-                   args.warmup, args.repeat, tokens=tokens)
+    impls = implementations(device, args.iters, args.eps, args.compile_backend)
+    return compare(impls, logits, grad, minimal_traffic(logits), args.warmup, args.repeat, tokens=tokens)
 
 
-def main() -> None:
+def build_parser():
     parser = comparison_parser(__doc__)
     parser.add_argument("--eps", type=float, default=1e-6)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     device = pick_device(args.device)
     report(f"sinkhorn forward + backward, n={args.n}, iters={args.iters}, {args.dtype} logits", args, device,
            lambda tokens: run(tokens, args.n, args, device))

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                                   # on the GPU: batch 8 x 1024 tokens, bf16
     python benchmarks/train_step.py --batch 1 --seq-len 128 --steps 3 --device cpu
 
-One full optimizer step as train.py takes it (`train.train_step`: autocast forward, backward, clipping,
+One full optimizer step as train.py takes it (`mhc_lm.training.train_step`: autocast forward, backward, clipping,
 AdamW) on random tokens, for each residual: the median tokens/s over `--steps` steps after `--warmup`,
 and the ratio mHC / residual (ratios from one run). The residual options are the shipped YAMLs
 (`conf/residual/*.yaml`); `--kernel` overrides mHC's `residual.kernel` (auto: the Triton kernels on a GPU).
@@ -26,21 +26,30 @@ def residual_config(name: str, kernel: str) -> dict:
 
 
 def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float, int]:
+    from accelerate.state import AcceleratorState, GradientState
+
     from mhc_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainerConfig, validate
     from mhc_lm.model import MhcForCausalLM, build_config
     from mhc_lm.optim import build_optimizer
-    from train import make_accelerator, train_step
+    from mhc_lm.training import make_accelerator, train_step
 
-    model_cfg = ModelConfig(name="bench", d_model=1024, n_layers=12, n_heads=16, max_seq_len=args.seq_len)
+    model_cfg = ModelConfig(name="bench", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                            max_seq_len=args.seq_len)
     cfg = TrainConfig(model=model_cfg, residual=residual, data=DataConfig(seq_len=args.seq_len), optim=OptimConfig(),
-                      trainer=TrainerConfig(batch_size=args.batch, precision=args.precision, compile=args.compile,
+                      trainer=TrainerConfig(batch_size=args.batch, precision=args.precision,
+                                            compile=args.compile and args.compile_backend == "inductor",
                                             run_name="bench"))
     validate(cfg)
+    # accelerate keeps its first Accelerator's settings (compile among them) process-wide: start afresh.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     accelerator, _, _ = make_accelerator(cfg)
     torch.manual_seed(0)
     model = MhcForCausalLM(build_config(model_cfg, residual, args.vocab, eos_token_id=0)).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if args.compile and args.compile_backend != "inductor":  # trainer.compile is inductor's; another by hand
+        model = torch.compile(model, backend=args.compile_backend)
     model.train()
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
     seconds = timed(lambda: train_step(model, optimizer, [batch], accelerator, cfg.optim.grad_clip), device,
@@ -52,7 +61,7 @@ def tokens_per_second(residual: dict, args, device: torch.device) -> tuple[float
     return args.batch * args.seq_len / seconds, n_params
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -60,16 +69,28 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="trainer.precision (auto: bf16 on a GPU, fp32 on CPU)")
     parser.add_argument("--kernel", default="auto", choices=["auto", "triton", "torch"])
     parser.add_argument("--compile", action="store_true", help="trainer.compile (torch.compile the model)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="with --compile: torch.compile's backend (eager: dynamo alone, a quick rehearsal)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--d-model", type=int, default=1024,
+                        help="a smaller model for a quick run (gpu_check --dry-run)")
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--heads", type=int, default=16)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     device = pick_device(args.device)
     if device.type == "cpu" and torch.cuda.is_available():
         parser.error("--device cpu on a GPU machine: accelerate would still place the model on the GPU")
     print(f"# {machine(device)}")
-    print(f"# 12 layers x d_model 1024, vocab {args.vocab}, batch {args.batch} x {args.seq_len} tokens, "
-          f"precision {args.precision}, compile {args.compile}, median of {args.steps} steps after {args.warmup}")
+    print(f"# {args.layers} layers x d_model {args.d_model}, vocab {args.vocab}, batch {args.batch} x {args.seq_len} "
+          f"tokens, precision {args.precision}, compile {args.compile}, median of {args.steps} steps after "
+          f"{args.warmup}")
     rows = []
     for name, residual in (("residual", residual_config("residual", "auto")),
                            ("mhc", residual_config("mhc", args.kernel))):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -25,25 +24,16 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from .config import ModelConfig
 from .data import DataConfig, load_data_tokenizer
 from .errors import ConfigError
-from .model import MhcConfig, MhcForCausalLM, build_config
+from .model import MhcConfig, MhcForCausalLM
+from .run_dir import RUN_CONFIG, TRAINER_STATE, RunDir
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = checkpoint_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return RunDir(run_dir).list_checkpoints()
 
 
 def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
@@ -54,7 +44,7 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if (path / "trainer_state.json").exists():
+    if (path / TRAINER_STATE).exists():
         return path
     found = list_checkpoints(path)
     if not found:
@@ -65,7 +55,7 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
 
 def check_compatible(checkpoint: Path, run_config: dict[str, Any]) -> None:
     """Refuse a checkpoint whose model or residual configuration differs from this run's."""
-    saved = json.loads((checkpoint / "run_config.json").read_text())
+    saved = json.loads((checkpoint / RUN_CONFIG).read_text())
     old_name, new_name = saved.get("residual", {}).get("name"), run_config.get("residual", {}).get("name")
     if old_name != new_name:  # the variant decides every other residual key: name it, not a key it implies
         raise ConfigError(f"residual.name={new_name!r}: the checkpoint {checkpoint} was trained with "
@@ -93,9 +83,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
 
     `model_config` (a PretrainedConfig) and `tokenizer`, when given, are saved alongside so the
     checkpoint loads as a model without the training config."""
-    root = checkpoint_dir(run_dir)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-step_{step:06d}"
+    final, tmp = RunDir(run_dir).checkpoint(step), RunDir(run_dir).partial_checkpoint(step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a previous crash mid-save
         tmp.mkdir(parents=True)
@@ -103,8 +91,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     accelerator.save_state(str(tmp))
     _write_json(tmp / f"data_state_rank{accelerator.process_index}.json", data_state)
     if accelerator.is_main_process:
-        _write_json(tmp / "trainer_state.json", trainer_state)
-        _write_json(tmp / "run_config.json", run_config)
+        _write_json(tmp / TRAINER_STATE, trainer_state)
+        _write_json(tmp / RUN_CONFIG, run_config)
         if model_config is not None:
             model_config.to_json_file(tmp / "config.json")
         if tokenizer is not None:
@@ -133,28 +121,28 @@ def load_checkpoint(accelerator, checkpoint: Path) -> tuple[dict, list[dict]]:
                           f"allowed: resume with {saved_ranks} process(es)")
     data_states = [json.loads((checkpoint / f"data_state_rank{r}.json").read_text()) for r in range(saved_ranks)]
     accelerator.load_state(str(checkpoint))
-    trainer_state = json.loads((checkpoint / "trainer_state.json").read_text())
+    trainer_state = json.loads((checkpoint / TRAINER_STATE).read_text())
     return trainer_state, data_states
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict:
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
 
 
 def load_model_from_checkpoint(checkpoint: str | Path):
     """(model in eval mode, tokenizer) from a training checkpoint's weights, on the CPU in fp32.
 
-    The architecture comes from the checkpoint's `config.json`; checkpoints written before it was saved
-    fall back on `run_config.json` plus the embedding's shape. The tokenizer comes from the checkpoint,
-    else from the run's export, else from the run's Hydra config (the cached BPE).
+    The architecture comes from the checkpoint's `config.json` (every checkpoint since 0.1.0 has one).
+    The tokenizer comes from the checkpoint, else from the run's export, else from the run's Hydra
+    config (the cached BPE).
     """
     checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise ConfigError(f"{checkpoint}: no config.json, which every checkpoint of mhc-lm >= 0.1.0 has; allowed: "
+                          "a checkpoint written by mhc-lm >= 0.1.0")
     state = {strip_wrapper_prefix(k): v for k, v in checkpoint_weights(checkpoint).items()}
     tokenizer = checkpoint_tokenizer(checkpoint)
-    if (checkpoint / "config.json").exists():
-        config = MhcConfig.from_pretrained(checkpoint)
-    else:
-        config = config_from_run_config(checkpoint, state["model.embed_tokens.weight"].shape[0], tokenizer.eos_token_id)
+    config = MhcConfig.from_pretrained(checkpoint)
     model = MhcForCausalLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
@@ -194,14 +182,9 @@ def strip_wrapper_prefix(key: str) -> str:
     return key
 
 
-def config_from_run_config(checkpoint: Path, vocab_size: int, eos_token_id: int | None):
-    saved = json.loads((checkpoint / "run_config.json").read_text())
-    return build_config(ModelConfig(**saved["model"]), saved["residual"], vocab_size, eos_token_id)
-
-
 def run_hydra_config(run_dir: str | Path):
     """The run's composed config as Hydra saved it (RUN/.hydra/config.yaml), an OmegaConf node; None if absent."""
-    path = Path(run_dir) / ".hydra" / "config.yaml"
+    path = RunDir(run_dir).hydra_config
     return OmegaConf.load(path) if path.exists() else None
 
 
@@ -213,7 +196,7 @@ def run_data_config(run_dir: str | Path):
 
 def checkpoint_tokenizer(checkpoint: Path):
     run_dir = checkpoint.parent.parent
-    for folder in (checkpoint, run_dir / "export"):
+    for folder in (checkpoint, RunDir(run_dir).export):
         if (folder / "tokenizer_config.json").exists():
             return AutoTokenizer.from_pretrained(str(folder))
     data_cfg = run_data_config(run_dir)

@@ -27,7 +27,6 @@ step (log scale when they grow), and the last probe's H_res of every sublayer, v
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import statistics
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ConfigError
+from .run_dir import RunDir
+from .tables import markdown_table, write_csv
 
 BASELINE = "residual"
 GAIN_KEYS = {"fwd": "diag/summary/comp_gain_fwd_max", "bwd": "diag/summary/comp_gain_bwd_max"}
@@ -75,7 +76,7 @@ def run_config(run_dir: Path) -> dict:
     """The run's saved Hydra config as a plain dict ({} when absent)."""
     from omegaconf import OmegaConf
 
-    path = run_dir / ".hydra" / "config.yaml"
+    path = RunDir(run_dir).hydra_config
     if not path.exists():
         return {}
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
@@ -101,7 +102,7 @@ def read_metrics(path: Path) -> list[dict]:
 def read_run(run_dir: Path, name: Optional[str] = None) -> RunRecord:
     variant, seed, val_tokens = run_identity(run_dir)
     record = RunRecord(name or run_dir.name, run_dir, variant, seed, val_tokens)
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = read_metrics(RunDir(run_dir).metrics)
     tokens_at, val, speeds, gains = {0: 0}, [], [], {}
     for m in records:
         step = m["step"]
@@ -146,8 +147,9 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
         if not root.is_dir():
             raise ConfigError(f"SWEEP_DIR={str(root)!r}: no such directory; allowed: a sweep directory "
                               "(runs/sweeps/<name>), a run directory or a folder of runs")
-        found = [root / "metrics.jsonl"] if (root / "metrics.jsonl").exists() else sorted(root.glob("**/metrics.jsonl"))
-        found = [p for p in found if "checkpoints" not in p.relative_to(root).parts]
+        metrics = RunDir(root).metrics.name
+        found = [root / metrics] if (root / metrics).exists() else sorted(root.glob(f"**/{metrics}"))
+        found = [p for p in found if RunDir(root).checkpoints.name not in p.relative_to(root).parts]
         if not found:
             raise ConfigError(f"SWEEP_DIR={str(root)!r}: no run in it (no metrics.jsonl); allowed: a directory "
                               "train.py wrote runs into")
@@ -246,15 +248,6 @@ def summary_markdown(rows: list[dict], val_tokens: Optional[int]) -> str:
     return "\n".join(lines) + "\n" + caption
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    from .evaluation import table_columns
-
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=table_columns(rows))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def _axes(ncols: int, width: float = 6.5, height: float = 4.5):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -337,7 +330,7 @@ def plot_gains_vs_step(runs: list[RunRecord], path: Path) -> Optional[Path]:
 
 def last_report(run_dir: Path) -> Optional[dict]:
     """The run's newest probe report (RUN/diagnostics/step_N/diagnostics.json), None without one."""
-    reports = sorted((run_dir / "diagnostics").glob("step_*/diagnostics.json"))
+    reports = [d / "diagnostics.json" for d in RunDir(run_dir).list_diagnostics() if (d / "diagnostics.json").exists()]
     return json.loads(reports[-1].read_text()) if reports else None
 
 
@@ -378,8 +371,6 @@ def compare(paths: list[Path], out_dir: Path) -> tuple[list[dict], dict[str, Pat
     val_tokens = check_one_budget(runs)
     rows = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from .evaluation import markdown_table
-
     files = {"summary.md": out_dir / "summary.md", "summary.csv": out_dir / "summary.csv",
              "runs.md": out_dir / "runs.md", "runs.csv": out_dir / "runs.csv"}
     files["summary.md"].write_text(summary_markdown(rows, val_tokens))

@@ -4,7 +4,7 @@
   split (whole blocks of seq_len), through `metrics.evaluate_loss` on `data.eval_batches`.
 - `run_lm_eval`: lm-evaluation-harness tasks on the loaded model (its HFLM wrapper), when installed.
 - `sample_generations`: prompts continued with `generate` (KV cache), and the decoding speed.
-- `write_table`, `plot_loss_vs_tokens`: every model in one Markdown/CSV table and one plot (eval.py's loss
+- `write_table` (through `tables`), `plot_loss_vs_tokens`: every model in one Markdown/CSV table and one plot (eval.py's loss
   and train.py's validation loss in separate panels: their token budgets differ).
 
 Bits per byte. The targets of the evaluated blocks are one contiguous run of the token stream
@@ -16,7 +16,6 @@ models with different tokenizers compare on the same text.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 from .console import quiet_lm_eval
 from .data import eval_batches, num_blocks
 from .metrics import evaluate_loss, perplexity
+from .run_dir import RunDir
+from .tables import markdown_table, write_csv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,38 +142,11 @@ def sample_generations(model, tokenizer, prompts: list[str], max_new_tokens: int
 # Reports
 
 
-def format_cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def table_columns(rows: list[dict]) -> list[str]:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    return columns
-
-
-def markdown_table(rows: list[dict]) -> str:
-    columns = table_columns(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     """results.md and results.csv, one row per model, in the same columns."""
     md, csv_path = out_dir / "results.md", out_dir / "results.csv"
     md.write_text(markdown_table(rows))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=table_columns(rows))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, csv_path)
     return md, csv_path
 
 
@@ -181,7 +155,7 @@ def training_curve(run_dir: Path) -> tuple[list[float], list[float]]:
     are logged with the training metrics, every log_every steps, and interpolated from (0, 0) between)."""
     from .compare import read_run
 
-    if not (run_dir / "metrics.jsonl").exists():
+    if not RunDir(run_dir).metrics.exists():
         return [], []
     curve = read_run(run_dir).curve
     return [t for t, _ in curve], [loss for _, loss in curve]

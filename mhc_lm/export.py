@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .run_dir import TRAINER_STATE
+
 ENTRY_MODULE = "model"  # mhc_lm/model.py, the module that defines the config and model classes
 ENTRY_FILE = "modeling_mhc"  # its name in the export
 BUNDLED_PACKAGES = ("residual",)  # every module of these subpackages goes into the bundle
@@ -80,7 +82,7 @@ def save_export(model, tokenizer, export_dir: str | Path, state_dict=None, train
     if is_main_process:
         tokenizer.save_pretrained(export_dir)
         if trainer_state is not None:
-            (export_dir / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+            (export_dir / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         bundle_modeling_code(export_dir, type(model.config).__name__, type(model).__name__)
     return export_dir
 

@@ -26,12 +26,13 @@ from typing import Optional
 
 import yaml
 
-from .checkpoint import STEP_DIR, load_model_from_checkpoint, read_trainer_state
+from .checkpoint import load_model_from_checkpoint, read_trainer_state
 from .config import check_repo_id, check_revision
 from .data import SOURCES
 from .errors import ConfigError
 from .export import has_bundled_code, save_export
 from .model_sources import ModelSource, resolve_sources
+from .run_dir import RUN_CONFIG, RunDir, step_of
 
 WRITE_ROLES = ("admin", "write", "contributor")  # roles in an organization that may create and push repos
 
@@ -123,14 +124,12 @@ def export_folder(source: ModelSource, scratch: Path) -> Path:
 
 def diagnostics_pictures(run_dir: Optional[Path], step: Optional[int]) -> list[Path]:
     """PNGs (and the summary JSON) of RUN/diagnostics/step_M for the newest M <= step (any M if unknown)."""
-    root = run_dir / "diagnostics" if run_dir is not None else None
-    if root is None or not root.is_dir():
+    if run_dir is None:
         return []
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir())
-    steps = [(s, p) for s, p in steps if step is None or s <= step]
-    if not steps:
+    folders = [p for p in RunDir(run_dir).list_diagnostics() if step is None or step_of(p) <= step]
+    if not folders:
         return []
-    folder = steps[-1][1]
+    folder = folders[-1]
     return sorted(folder.glob("*.png")) + sorted(folder.glob("diagnostics.json"))
 
 
@@ -153,7 +152,7 @@ def upload_files(source: ModelSource, scratch: Path, repo: str) -> dict[str, Pat
 
 def final_metrics(run_dir: Optional[Path], step: Optional[int]) -> dict[str, float]:
     """The last value of each logged metric at or before `step`, from RUN/metrics.jsonl."""
-    path = run_dir / "metrics.jsonl" if run_dir is not None else None
+    path = RunDir(run_dir).metrics if run_dir is not None else None
     if path is None or not path.exists():
         return {}
     latest: dict[str, float] = {}
@@ -166,9 +165,9 @@ def final_metrics(run_dir: Optional[Path], step: Optional[int]) -> dict[str, flo
 
 def training_config_text(source: ModelSource) -> str:
     run_dir = source.run_dir
-    if run_dir is not None and (run_dir / ".hydra" / "config.yaml").exists():
-        return (run_dir / ".hydra" / "config.yaml").read_text()
-    run_config = Path(source.location) / "run_config.json"
+    if run_dir is not None and RunDir(run_dir).hydra_config.exists():
+        return RunDir(run_dir).hydra_config.read_text()
+    run_config = Path(source.location) / RUN_CONFIG
     return run_config.read_text() if run_config.exists() else ""
 
 

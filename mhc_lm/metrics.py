@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .residual import make_mixer, mixer_options
+
 
 def token_loss_sum(model, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies (fp32) over a (B, L + 1) block batch, and the token count."""
@@ -32,17 +34,25 @@ def evaluate_loss(model, batches, accelerator) -> float:
 
 
 def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (non-embedding parameters) + attention, as in the PaLM appendix.
-
-    The mixers' own FLOPs are counted through their parameters (fn is a matmul on the streams).
+    """Training FLOPs per token: 6 * (non-embedding parameters) + attention, as in the PaLM appendix, plus
+    3x the forward FLOPs of the two mixers of each block, each variant's own count (`Mixer.flops_per_token`:
+    its coefficient generator with its own number of res logits, its projection, the read and the write).
     """
-    d, layers, n = config.hidden_size, config.num_hidden_layers, config.num_streams
+    d, layers = config.hidden_size, config.num_hidden_layers
     attn = 2 * d * d + 2 * d * config.num_key_value_heads * config.head_dim
     mlp = 3 * d * config.intermediate_size
     head = d * config.vocab_size
-    mixer = 2 * ((2 + n) * n * n * d) if n > 1 else 0
-    dense = layers * (attn + mlp + mixer) + head
-    return 6 * dense + 12 * layers * d * seq_len
+    dense = layers * (attn + mlp) + head
+    return 6 * dense + 12 * layers * d * seq_len + 3 * 2 * layers * mixer_flops_per_token(config)
+
+
+def mixer_flops_per_token(config) -> int:
+    """Forward FLOPs per token of one mixer of `config`'s residual (every sublayer's mixer counts the same)."""
+    residual = config.residual
+    with torch.device("meta"):  # shapes only: no memory, no initialization cost
+        mixer = make_mixer(residual["name"], config.hidden_size, config.num_streams, 0,
+                           **mixer_options(residual))
+    return mixer.flops_per_token()
 
 
 # Dense bf16 peak FLOP/s of common accelerators (no sparsity), by a substring of the device name.

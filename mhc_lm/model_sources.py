@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import STEP_DIR, has_weights, list_checkpoints, read_trainer_state
+from .checkpoint import has_weights, read_trainer_state
+from .run_dir import RUN_CONFIG, TRAINER_STATE, RunDir, step_of
 from .errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -36,7 +37,7 @@ class ModelSource:
 
 def is_checkpoint(path: Path) -> bool:
     """A training checkpoint (an export also has trainer_state.json, but never run_config.json)."""
-    return all((path / name).exists() for name in ("trainer_state.json", "run_config.json")) and has_weights(path)
+    return all((path / name).exists() for name in (TRAINER_STATE, RUN_CONFIG)) and has_weights(path)
 
 
 def is_export(path: Path) -> bool:
@@ -55,9 +56,9 @@ def checkpoint_source(path: Path) -> ModelSource:
 
 
 def export_source(path: Path) -> ModelSource:
-    state_file = path / "trainer_state.json"
+    state_file = path / TRAINER_STATE
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    run_dir = path.parent if list_checkpoints(path.parent) or (path.parent / "metrics.jsonl").exists() else None
+    run_dir = path.parent if RunDir(path.parent).looks_like_a_run() else None
     label = run_label(run_dir, path.name) if run_dir is not None else str(path)
     return ModelSource("export", str(path), label, run_dir, state.get("step"), state.get("tokens_seen"))
 
@@ -73,18 +74,18 @@ def resolve_sources(spec: str, checkpoints: str = "last", option: str = "models"
             return [checkpoint_source(path)]
         if is_export(path):
             return [export_source(path)]
-        found = list_checkpoints(path)
+        found = RunDir(path).list_checkpoints()
         if checkpoints == "all" and found:
             return [checkpoint_source(p) for p in found]
-        if is_export(path / "export"):
-            return [export_source(path / "export")]
+        if is_export(RunDir(path).export):
+            return [export_source(RunDir(path).export)]
         if found:
             return [checkpoint_source(found[-1])]
         raise ConfigError(f"{option}={spec!r}: a directory with neither a checkpoint (trainer_state.json, "
                           "run_config.json, weights), a model (config.json), checkpoints/step_N nor export/; allowed: "
                           "a checkpoint, a run directory, an exported folder or a Hub id")
     local_parent = path.parent != Path(".") and path.parent.is_dir()  # runs/typo is a path, not a Hub id
-    if path.exists() or local_parent or STEP_DIR.match(path.name) or not HUB_ID.match(spec):
+    if path.exists() or local_parent or step_of(path) is not None or not HUB_ID.match(spec):
         raise ConfigError(f"{option}={spec!r}: no such directory, and not a Hub id; allowed: a checkpoint, "
                           "a run directory, an exported folder or a Hub id USER/NAME")
     return [ModelSource("hub", spec, spec)]
@@ -95,8 +96,8 @@ def local_context(source: ModelSource) -> Optional[int]:
     folder = Path(source.location)
     if (folder / "config.json").exists():
         return json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
-    if (folder / "run_config.json").exists():
-        return json.loads((folder / "run_config.json").read_text())["model"].get("max_seq_len")
+    if (folder / RUN_CONFIG).exists():
+        return json.loads((folder / RUN_CONFIG).read_text())["model"].get("max_seq_len")
     return None
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import LoggerConfig
+from .run_dir import RunDir
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -42,7 +43,7 @@ class Tracker:
         self.metrics_file = None
         if not enabled:
             return
-        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        self.metrics_file = open(RunDir(self.run_dir).metrics, "a")
         if cfg.backend == "wandb":
             self.wandb_run = self._init_wandb(cfg, config)
 

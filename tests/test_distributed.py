@@ -276,9 +276,29 @@ def fake_cluster(tmp_path):
     return workdir, env, tmp_path / "calls.log"
 
 
-@pytest.mark.parametrize("script", ["launch/slurm/train.sbatch", "launch/torchrun.sh"])
-def test_launch_scripts_parse(script):
-    assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
+LAUNCH_SCRIPTS = ["launch/slurm/train.sbatch", "launch/torchrun.sh"]
+
+
+def test_every_launch_script_is_run_here():
+    found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "launch").rglob("*") if p.suffix in (".sh", ".sbatch"))
+    assert found == sorted(LAUNCH_SCRIPTS), "a new launch script needs a run with the stand-in launchers below"
+
+
+@pytest.mark.parametrize("script", LAUNCH_SCRIPTS)
+def test_launch_scripts_hand_the_overrides_to_train_py(script, fake_cluster):
+    """Run for real, with srun/accelerate/torchrun stand-ins on PATH that record their argv: every launcher
+    call ends in train.py, the shared run directory, then the user's overrides exactly as given."""
+    workdir, env, log = fake_cluster
+    result = subprocess.run(["bash", script, "model=tiny", "data.files=[a b/*.txt]"], cwd=workdir, capture_output=True,
+                            env={**env, "NPROC_PER_NODE": "2", "RUN_DIR": "runs/shared", "MHC_RUN_DIR": "runs/shared"},
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    launched = calls(log)
+    assert launched and all(argv[0] in ("accelerate", "torchrun") for argv in launched)
+    for argv in launched:
+        tail = argv[argv.index("train.py") + 1:]
+        assert tail[0] == "hydra.run.dir=runs/shared", tail
+        assert tail[-2:] == ["model=tiny", "data.files=[a b/*.txt]"], tail
 
 
 def calls(log: Path) -> list[list[str]]:

@@ -186,22 +186,33 @@ def test_greedy_generation_with_the_kv_cache_matches_decoding_without_it(tiny_ru
     assert samples[0]["new_tokens"] == 6 and tokens_per_s > 0
 
 
-def test_an_old_checkpoint_without_config_or_tokenizer_loads_the_same_model(tiny_run, tmp_path):
+def test_a_checkpoint_without_tokenizer_files_takes_the_runs_tokenizer(tiny_run, tmp_path):
     from mhc_lm.checkpoint import load_model_from_checkpoint
 
-    run = tmp_path / "old-run"
+    run = tmp_path / "run"
     shutil.copytree(tiny_run / ".hydra", run / ".hydra")
-    old = run / "checkpoints" / "step_000004"
-    shutil.copytree(tiny_run / "checkpoints" / "step_000004", old)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        (old / name).unlink()
+    bare = run / "checkpoints" / "step_000004"
+    shutil.copytree(tiny_run / "checkpoints" / "step_000004", bare)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / name).unlink()
     new_model, new_tok = load_model_from_checkpoint(tiny_run / "checkpoints" / "step_000004")
-    old_model, old_tok = load_model_from_checkpoint(old)
+    bare_model, bare_tok = load_model_from_checkpoint(bare)
     ids = torch.tensor([new_tok("To be, or not to be").input_ids])
-    assert old_tok("To be, or not to be").input_ids == ids[0].tolist()
-    assert old_model.config.vocab_size == new_model.config.vocab_size
+    assert bare_tok("To be, or not to be").input_ids == ids[0].tolist()
     with torch.no_grad():
-        assert torch.equal(old_model(ids).logits, new_model(ids).logits)
+        assert torch.equal(bare_model(ids).logits, new_model(ids).logits)
+
+
+def test_a_checkpoint_without_config_json_is_refused_in_one_line(tiny_run, tmp_path):
+    from mhc_lm.checkpoint import load_model_from_checkpoint
+    from mhc_lm.errors import ConfigError
+
+    bare = tmp_path / "step_000004"
+    shutil.copytree(tiny_run / "checkpoints" / "step_000004", bare)
+    (bare / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"step_000004: no config.json.*allowed: a checkpoint written by mhc-lm") as err:
+        load_model_from_checkpoint(bare)
+    assert "\n" not in str(err.value)
 
 
 def composed_eval(*overrides: str):

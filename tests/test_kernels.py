@@ -20,7 +20,7 @@ import triton  # noqa: E402
 from mhc_lm.kernels import glue, selfcheck, use_triton  # noqa: E402
 from mhc_lm.kernels import sinkhorn as ks  # noqa: E402
 from mhc_lm.residual import MIXERS, make_mixer  # noqa: E402
-from mhc_lm.residual.base import collapse_streams, write_streams  # noqa: E402
+from mhc_lm.residual.base import read_streams, write_streams  # noqa: E402
 from mhc_lm.residual.sinkhorn import sinkhorn, sinkhorn_reference  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
@@ -83,11 +83,36 @@ def test_sinkhorn_kernel_other_iteration_counts(iters):
 
 def test_sinkhorn_dispatch_by_kernel_option():
     logits = torch.randn(5, 4, 4, device=DEVICE, requires_grad=True)
-    for kernel in ("triton", "torch", "auto"):
+    for kernel in ("triton", "torch"):  # the two code paths; `auto` picks one of them (next test)
         comb = sinkhorn(logits, kernel=kernel)
         torch.testing.assert_close(comb, sinkhorn_reference(logits), **FP32)
     # fp64 stays on the PyTorch path under auto (it is what the fp64 gradcheck checks).
     assert sinkhorn(logits.double(), kernel="auto").dtype == torch.float64
+
+
+def test_auto_resolves_to_torch_on_cpu_and_to_triton_on_cuda_with_triton(monkeypatch):
+    """`auto` is the kernels exactly for a CUDA tensor of at most 8 streams with triton installed: checked with
+    triton's availability patched both ways and a stand-in CUDA tensor, so it runs on any machine."""
+    from mhc_lm import kernels
+
+    residual_sinkhorn = sys.modules["mhc_lm.residual.sinkhorn"]  # the module (the package exports the function)
+    taken = []
+    monkeypatch.setattr(residual_sinkhorn, "sinkhorn_ops",
+                        lambda: (lambda *args: taken.append("triton") or sinkhorn_reference(*args), None))
+    cpu_logits = torch.randn(5, 4, 4)
+    sinkhorn(cpu_logits, kernel="auto")
+    assert taken == []  # CPU: PyTorch, though triton is installed and the interpreter may be on
+    sinkhorn(cpu_logits, kernel="triton")
+    assert taken == ["triton"]  # the probe sees the kernel path when it is taken
+
+    monkeypatch.setattr(selfcheck, "check_once", lambda device: None)
+    fake_cuda = type("FakeCuda", (), {"is_cuda": True, "device": torch.device("cuda")})()
+    for installed in (True, False):
+        monkeypatch.setattr(kernels, "_TRITON_AVAILABLE", installed)
+        assert kernels.use_triton("auto", fake_cuda, 4) is installed
+        assert kernels.use_triton("auto", torch.zeros(1), 4) is False
+    monkeypatch.setattr(kernels, "_TRITON_AVAILABLE", True)
+    assert kernels.use_triton("auto", fake_cuda, kernels.MAX_KERNEL_STREAMS + 1) is False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +120,7 @@ def test_sinkhorn_dispatch_by_kernel_option():
 
 
 def epilogue_reference(mixes, r, scale, base, n, iters, eps, hc_eps):
-    """SPEC 2.3-2.4 written out with torch ops, from the same matmul output and r."""
+    """The generator's steps 3-4 (docs/residual.md, section 2) in torch ops, from the same matmul output and r."""
     mixes = mixes * r
     pre_m, post_m, res_m = mixes.split([n, n, n * n], dim=-1)
     base_pre, base_post, base_res = base.split([n, n, n * n])
@@ -167,12 +192,12 @@ def reference_from(tensors):
 @pytest.mark.parametrize("n", [2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("expanded", [False, True])
-def test_collapse_kernel_matches_reference(n, dtype, expanded):
+def test_read_kernel_matches_reference(n, dtype, expanded):
     h, _, _, streams = stream_inputs(n, dtype, expanded)
-    y = glue.collapse_streams(h, streams)
+    y = glue.read_streams(h, streams)
     assert y.dtype == dtype and y.shape == streams.shape[:-2] + streams.shape[-1:]
     ref_h, ref_streams = reference_from([h, streams])
-    ref = collapse_streams(ref_h, ref_streams)
+    ref = read_streams(ref_h, ref_streams)
     close(y, ref, dtype)
     for a, b, leaf in zip(grads([y], [h, streams]), grads([ref], [ref_h, ref_streams]), [h, streams]):
         assert a.dtype == leaf.dtype
@@ -242,7 +267,7 @@ def stream_variants() -> list[str]:
 def count_kernel_calls(monkeypatch) -> list[str]:
     """Record each call of the fused apply kernels (the mixers look them up at every forward)."""
     calls = []
-    for name in ("collapse_streams", "write_streams"):
+    for name in ("read_streams", "write_streams"):
         real = getattr(glue, name)
         monkeypatch.setattr(glue, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     return calls
@@ -265,7 +290,7 @@ def test_mixer_kernel_path_equals_torch_path(name, dtype, monkeypatch):
     x_fast, x_slow = streams.clone().requires_grad_(), streams.clone().requires_grad_()
     calls = count_kernel_calls(monkeypatch)
     y_fast = fast(x_fast, linear)
-    assert calls == ["collapse_streams", "write_streams"], f"residual={name} kernel=triton took {calls}"
+    assert calls == ["read_streams", "write_streams"], f"residual={name} kernel=triton took {calls}"
     y_slow = slow(x_slow, linear)
     assert len(calls) == 2  # kernel=torch does not touch them
     assert y_fast.dtype == y_slow.dtype
@@ -369,7 +394,7 @@ def test_self_check_references_are_independent_of_the_torch_path():
     flat = lambda t: t.flatten(0, 1)  # noqa: E731  (the check works on (tokens, ...))
     torch.testing.assert_close(selfcheck.write_fp64(flat(h), flat(out), flat(comb), flat(streams)),
                                flat(write_streams(h, out, comb, streams)))
-    torch.testing.assert_close(selfcheck.collapse_fp64(flat(h), flat(streams)), flat(collapse_streams(h, streams)))
+    torch.testing.assert_close(selfcheck.read_fp64(flat(h), flat(streams)), flat(read_streams(h, streams)))
 
 
 def assert_one_line_failure(err: Exception):
@@ -417,13 +442,13 @@ def test_a_failed_check_stops_the_first_use(monkeypatch):
     from mhc_lm import kernels
 
     monkeypatch.setattr(selfcheck, "_CHECKED", set())
-    real_collapse = glue.collapse_streams
-    wrong = broken_ops(collapse_streams=lambda h, x: real_collapse(h, x) * 1.01)
+    real_read = glue.read_streams
+    wrong = broken_ops(read_streams=lambda h, x: real_read(h, x) * 1.01)
     monkeypatch.setattr(selfcheck, "kernel_ops", lambda: wrong)
     fake_cuda = type("FakeCuda", (), {"is_cuda": True, "device": torch.device(DEVICE)})()
     for _ in range(2):  # a failure is not remembered as a pass
         with pytest.raises(selfcheck.KernelCheckError) as err:
             kernels.check_before_training("auto", 4, DEVICE) if torch.cuda.is_available() else \
                 kernels.use_triton("auto", fake_cuda, 4)
-        assert "collapse_streams forward differs" in assert_one_line_failure(err.value)
+        assert "read_streams forward differs" in assert_one_line_failure(err.value)
     kernels.check_before_training("auto", 1, DEVICE)  # one stream: nothing to fuse, nothing checked

@@ -1,4 +1,5 @@
-"""The mixer interface: the comb = H_res^T convention, SPEC invariants, shapes and gradients of every variant."""
+"""The mixer interface: the comb = H_res^T convention, the invariants of docs/residual.md, shapes and gradients
+of every variant."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def test_every_mixer_in_bf16_streams(name):
 
 
 def test_mhc_invariants():
-    """SPEC: H_pre in (0, 1], H_post in [0, 2], H_res >= 0 with rows summing to 1 (1e-5)."""
+    """docs/residual.md: H_pre in (0, 1], H_post in [0, 2], H_res >= 0 with rows summing to 1 (1e-5)."""
     torch.manual_seed(0)
     mixer = make_mixer("mhc", 32, 4, 0, fn_init_std=1.0, scale_init=1.0)
     streams = torch.randn(4, 16, 4, 32) * 3

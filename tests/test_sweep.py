@@ -115,7 +115,7 @@ def test_the_diagnostics_command_on_a_run_writes_under_its_diagnostics_not_its_e
 
 
 def test_the_report_dirs_of_a_checkpoint_and_a_hub_id(tmp_path):
-    from mhc_lm.diagnostics import default_report_dir
+    from mhc_lm.diagnostics.cli import default_report_dir
     from mhc_lm.model_sources import ModelSource
 
     run = tmp_path / "run"

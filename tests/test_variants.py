@@ -1,4 +1,4 @@
-"""Every residual variant of SPEC section 3: its constraint set, its gradients, its training, its table."""
+"""Every residual variant of docs/residual.md: its constraint set, its gradients, its training, its table."""
 
 from __future__ import annotations
 
@@ -47,6 +47,17 @@ def logit_sets(mixer, dtype, seed=0):
     return {"random": random.to(dtype), "extreme": extreme.to(dtype), "near-permutation": near.to(dtype)}
 
 
+def assert_gradients_reach_everything(mixer, streams, out):
+    """Backward from a random projection of `out`: every parameter of the mixer gets a finite, non-zero
+    gradient, and the streams a finite one."""
+    (out * torch.randn_like(out)).sum().backward()
+    for pname, param in mixer.named_parameters():
+        assert param.grad is not None, pname
+        assert torch.isfinite(param.grad).all(), pname
+        assert param.grad.abs().sum() > 0, pname
+    assert torch.isfinite(streams.grad).all()
+
+
 @pytest.mark.parametrize("name,n", cases(BIRKHOFF))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_birkhoff_variants_are_exactly_doubly_stochastic(name, n, dtype):
@@ -71,7 +82,26 @@ def test_mhc_rows_exact_columns_reported(n, dtype, record_property):
         column_error = (h_res.sum(-2) - 1).abs().max().item()
         record_property(f"mhc_n{n}_{kind}_column_error", column_error)
         print(f"mhc n={n} {dtype} {kind}: max column-sum error {column_error:.2e}")
-        assert math.isfinite(column_error)
+        expected = numpy_sinkhorn_column_sums(logits.double().numpy(), n)  # (tokens, n), float64
+        torch.testing.assert_close(h_res.sum(-2).double(), torch.from_numpy(expected),
+                                   atol=2e-5 if dtype == torch.float32 else 1e-12, rtol=0)
+        assert column_error == pytest.approx(abs(expected - 1).max(), abs=2e-5 if dtype == torch.float32 else 1e-12)
+
+
+def numpy_sinkhorn_column_sums(logits, n, iters=20, eps=1e-6):
+    """The column sums of H_res from an independent NumPy Sinkhorn (docs/sinkhorn.md) on flat logits (tokens, n*n)
+    in the comb layout: softmax over each row of comb, + eps, then columns and rows of comb in turn, columns last.
+    H_res = comb^T, so its column sums are comb's row sums."""
+    import numpy as np
+
+    x = logits.reshape(-1, n, n)
+    comb = np.exp(x - x.max(-1, keepdims=True))
+    comb = comb / comb.sum(-1, keepdims=True) + eps
+    comb = comb / (comb.sum(-2, keepdims=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(-1, keepdims=True) + eps)
+        comb = comb / (comb.sum(-2, keepdims=True) + eps)
+    return comb.sum(-1)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
@@ -165,12 +195,7 @@ def test_cayley_variants_send_gradients_to_every_connection_parameter(name, n, d
     streams.requires_grad_()
     out = mixer(streams, torch.nn.Linear(8, 8, dtype=dtype))
     assert out.dtype == dtype
-    (out * torch.randn_like(out)).sum().backward()
-    for pname, param in mixer.named_parameters():
-        assert param.grad is not None, pname
-        assert torch.isfinite(param.grad).all(), pname
-        assert param.grad.abs().sum() > 0, pname
-    assert torch.isfinite(streams.grad).all()
+    assert_gradients_reach_everything(mixer, streams, out)
 
 
 def test_orthostochastic_gradient_vanishes_only_at_the_identity():
@@ -236,12 +261,7 @@ def test_gradients_reach_every_connection_parameter_on_extreme_inputs(name, n):
         mixer.base[2 * n:] = (torch.rand(k) * 2 - 1) * 50
     streams = (torch.randn(2, 5, n, 8) * 10).requires_grad_()
     out = mixer(streams, torch.nn.Linear(8, 8))
-    (out * torch.randn_like(out)).sum().backward()
-    for pname, param in mixer.named_parameters():
-        assert param.grad is not None, pname
-        assert torch.isfinite(param.grad).all(), pname
-        assert param.grad.abs().sum() > 0, pname
-    assert torch.isfinite(streams.grad).all()
+    assert_gradients_reach_everything(mixer, streams, out)
 
 
 @pytest.mark.parametrize("name,n", cases(tuple(v for v in GENERATED if v != "ihc")))
@@ -294,6 +314,47 @@ def test_readme_table_matches_the_code():
             assert int(cells[4]) == cls.res_logits(4) == mixer.num_res_logits, name
             assert int(cells[5].replace(",", "")) == cls.res_flops(4), name
             assert params == (2 * 4 + mixer.num_res_logits) * (4 * 768 + 1) + 3, name
+
+
+# Forward FLOPs per token of one mixer, counted by hand for C = 16, n = 4 (n = 1 for the residual).
+# read + write: 2nC + (2nC + 2n^2 C) = 128 + 640 = 768.
+HAND_MIXER_FLOPS = {
+    "residual": 0,  # x + F(x), left out like the plain residual of 6N
+    "hc": 2 * 4 * 16 * (4 + 2) + 768,  # xb (n, C) @ W_m, W_r, W_b: n * (1 + n + 1) dot products of length C
+    # fn: (2n + n^2) = 24 outputs of n*C = 64 inputs -> 3072; Sinkhorn (20 iterations): softmax and eps
+    # 4 n^2 = 64, then 39 normalizations of 2 n^2 = 32 -> 1248
+    "mhc": 2 * 24 * 64 + 64 + 39 * 32 + 768,
+    # fn: (2n + 2 log2 n) = 12 outputs -> 1536; two 2x2 softmaxes at 8 FLOPs each = 16; Kronecker products:
+    # 1x1 by 2x2 (4 multiplies), then 2x2 by 2x2 (16) -> 20
+    "kromhc": 2 * 12 * 64 + 16 + 20 + 768,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_MIXER_FLOPS))
+def test_mixer_flops_per_token_match_a_hand_count(name):
+    mixer = make_mixer(name, 16, 1 if name == "residual" else 4, 0)
+    assert mixer.flops_per_token() == HAND_MIXER_FLOPS[name]
+
+
+def test_mfu_counts_each_variants_own_mixer_flops():
+    """flops_per_token (the MFU numerator) = the dense model's count + 3 x two mixers per block, each variant's own."""
+    from mhc_lm.metrics import flops_per_token
+    from mhc_lm.model import MhcConfig
+
+    def config(name, n, **options):
+        return MhcConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                         intermediate_size=64, residual={"name": name, "n": n, **options})
+
+    # By hand: attention 4 * 16^2 = 1024, SwiGLU 3 * 16 * 64 = 3072 per block, head 16 * 50 = 800;
+    # attention scores 12 * layers * C * seq_len.
+    dense = 6 * (3 * (1024 + 3072) + 800) + 12 * 3 * 16 * 32
+    assert flops_per_token(config("residual", 1), 32) == dense
+    for name in ("hc", "mhc", "kromhc"):
+        assert flops_per_token(config(name, 4), 32) == dense + 3 * 2 * 3 * HAND_MIXER_FLOPS[name], name
+    fewer_iterations = flops_per_token(config("mhc", 4, sinkhorn_iters=5), 32)  # 9 normalizations, not 39
+    assert fewer_iterations == dense + 3 * 2 * 3 * (HAND_MIXER_FLOPS["mhc"] - 30 * 32), "its own iterations"
+    counts = {name: flops_per_token(config(name, 1 if name == "residual" else 4), 32) for name in MIXERS}
+    assert len(set(counts.values())) == len(MIXERS), counts  # each variant its own count, not mHC's n^2 for all
 
 
 @pytest.mark.slow

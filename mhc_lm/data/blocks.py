@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .state import STATE_VERSION, _global_offset, check_state
+from .state import STATE_VERSION, check_state
 
 
 def num_blocks(tokens, seq_len: int) -> int:
@@ -75,7 +75,7 @@ class BlockLoader:
     def load_state_dict(self, state: dict) -> None:
         check_state(state, "blocks", {"seed": self.seed, "shuffle": self.shuffle, "blocks": self.blocks,
                                       "seq_len": self.seq_len})
-        self.epoch, self.offset = state["epoch"], _global_offset(state)
+        self.epoch, self.offset = state["epoch"], state["offset"]
 
 
 def eval_batches(tokens, seq_len: int, batch_size: int, max_batches: int, rank: int = 0, world_size: int = 1):

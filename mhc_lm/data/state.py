@@ -41,11 +41,11 @@ def decode_array(data: dict) -> np.ndarray:
 
 def check_state(state: dict, kind: str, expected: dict) -> None:
     """Refuse a saved state of another version, kind or configuration (the keys of `expected`)."""
-    version = state.get("version", 0)
-    if version > STATE_VERSION:
-        raise ConfigError(f"trainer.resume: the checkpoint's data state has version {version}, this mhc-lm reads up "
-                          f"to {STATE_VERSION}; allowed: resume with the mhc-lm that wrote it")
-    if state.get("kind", "blocks") != kind:
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise ConfigError(f"trainer.resume: the checkpoint's data state has version {version}, this mhc-lm reads "
+                          f"version {STATE_VERSION}; allowed: resume with the mhc-lm that wrote it")
+    if state.get("kind") != kind:
         raise ConfigError(f"trainer.resume: the checkpoint's data state is of kind {state.get('kind')!r}, this run's "
                           f"data source gives {kind!r}; allowed: resume with the same data source")
     for key, value in expected.items():
@@ -62,9 +62,9 @@ def state_for_rank(states: list[dict], rank: int, world_size: int, checkpoint: s
     """
     if len(states) == world_size:
         return states[rank]
-    kinds = {s.get("kind", "blocks") for s in states}
+    kinds = {s.get("kind") for s in states}
     if kinds == {"blocks"}:
-        positions = {(s["epoch"], _global_offset(s)) for s in states}
+        positions = {(s["epoch"], s["offset"]) for s in states}
         if len(positions) != 1:
             raise ConfigError(f"trainer.resume={checkpoint!r}: the ranks saved different data positions {positions}")
         return states[0]
@@ -72,9 +72,3 @@ def state_for_rank(states: list[dict], rank: int, world_size: int, checkpoint: s
                       f"process(es), this run has {world_size}; each process streams its own shards, so the position "
                       f"cannot be split differently; allowed: resume with {len(states)} process(es)")
 
-
-def _global_offset(state: dict) -> int:
-    """Blocks of the epoch consumed by all ranks; also reads the pre-versioned state (cursor = micro-batches)."""
-    if "offset" in state:
-        return state["offset"]
-    return state["cursor"] * state["batch_size"] * state["world_size"]

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for the mHC hot path (SPEC section 5), and the rule that picks them.
+"""Fused Triton kernels for the mHC hot path (docs/sinkhorn.md), and the rule that picks them.
 
 What is fused (each forward and backward, fp32 in registers whatever the input dtype):
 
@@ -6,7 +6,7 @@ What is fused (each forward and backward, fp32 in registers whatever the input d
   unrolled iteration on chip from the saved logits.
 * `sinkhorn.mhc_coefficients`: the coefficient epilogue of the mHC generator (scales, biases, the
   sigmoids of pre and post, the Sinkhorn of res) from the matmul output and the per-token RMS.
-* `glue.collapse_streams` and `glue.write_streams`: the pre-collapse `H_pre · x` and the fused
+* `glue.read_streams` and `glue.write_streams`: the read `H_pre · x` and the fused
   post + residual write `H_post^T ⊗ out + comb^T x`, generic in comb (any mixer).
 
 Triton is optional (`pip install -e ".[kernels]"`): nothing here imports it until a kernel runs.
@@ -98,10 +98,10 @@ def check_before_training(kernel: str, n: int, device: torch.device) -> None:
 
 
 def glue_ops():
-    """(collapse_streams, write_streams), the apply kernels; the first call imports triton and defines them."""
-    from .glue import collapse_streams, write_streams
+    """(read_streams, write_streams), the apply kernels; the first call imports triton and defines them."""
+    from .glue import read_streams, write_streams
 
-    return collapse_streams, write_streams
+    return read_streams, write_streams
 
 
 def sinkhorn_ops():

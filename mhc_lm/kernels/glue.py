@@ -1,6 +1,6 @@
 """Triton kernels that apply the mixing coefficients to the streams, generic in comb (any mixer).
 
-* collapse: y = H_pre · x = sum_j h_pre[j] x[j]                       (B, T, n, C) -> (B, T, C)
+* read:     y = H_pre · x = sum_j h_pre[j] x[j]                       (B, T, n, C) -> (B, T, C)
 * write:    x_next = H_post^T ⊗ out + H_res · x, with H_res = comb^T:
             x_next[i] = h_post[i] * out + sum_j comb[j, i] * x[j]      (the convention of residual/base.py)
 
@@ -35,7 +35,7 @@ def _token_coefficients(h_ptr, N, n: tl.constexpr, NP: tl.constexpr, BT: tl.cons
 
 
 @triton.jit
-def _collapse_fwd_kernel(x_ptr, h_ptr, y_ptr, N, C, stride_xt, stride_xn,
+def _read_fwd_kernel(x_ptr, h_ptr, y_ptr, N, C, stride_xt, stride_xn,
                          n: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     tok, tok64, st, _, h = _token_coefficients(h_ptr, N, n, NP, BT)
     ch = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -47,7 +47,7 @@ def _collapse_fwd_kernel(x_ptr, h_ptr, y_ptr, N, C, stride_xt, stride_xn,
 
 
 @triton.jit
-def _collapse_bwd_kernel(x_ptr, h_ptr, grad_y_ptr, grad_x_ptr, grad_h_ptr, N, C, stride_xt, stride_xn,
+def _read_bwd_kernel(x_ptr, h_ptr, grad_y_ptr, grad_x_ptr, grad_h_ptr, N, C, stride_xt, stride_xn,
                          n: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     tok, tok64, st, ts_mask, h = _token_coefficients(h_ptr, N, n, NP, BT)
     grad_h = tl.zeros((BT, NP), dtype=tl.float32)
@@ -147,26 +147,26 @@ def _meta(n: int):
 # Custom ops
 
 
-@torch.library.custom_op("mhc_lm::collapse_streams", mutates_args=())
-def collapse_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+@torch.library.custom_op("mhc_lm::read_streams", mutates_args=())
+def read_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     """sum_j h_pre[..., j] * streams[..., j, :]: h_pre (..., n), streams (..., n, C) -> (..., C) in streams' dtype."""
     n, C = streams.shape[-2:]
     x = _as_tokens(streams)
     tokens = x.shape[0]
     y = torch.empty(tokens, C, dtype=streams.dtype, device=streams.device)
     bt, bc, meta = _meta(n)
-    _collapse_fwd_kernel[(triton.cdiv(tokens, bt), triton.cdiv(C, bc))](
+    _read_fwd_kernel[(triton.cdiv(tokens, bt), triton.cdiv(C, bc))](
         x, _rows(h_pre, n), y, tokens, C, x.stride(0), x.stride(1), **meta)
     return y.view(*streams.shape[:-2], C)
 
 
-@collapse_streams.register_fake
+@read_streams.register_fake
 def _(h_pre, streams):
     return streams.new_empty(*streams.shape[:-2], streams.shape[-1])
 
 
-@torch.library.custom_op("mhc_lm::collapse_streams_backward", mutates_args=())
-def collapse_streams_backward(h_pre: torch.Tensor, streams: torch.Tensor,
+@torch.library.custom_op("mhc_lm::read_streams_backward", mutates_args=())
+def read_streams_backward(h_pre: torch.Tensor, streams: torch.Tensor,
                               grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, C = streams.shape[-2:]
     x = _as_tokens(streams)
@@ -174,27 +174,27 @@ def collapse_streams_backward(h_pre: torch.Tensor, streams: torch.Tensor,
     grad_x = torch.empty(tokens, n, C, dtype=streams.dtype, device=streams.device)
     grad_h = torch.empty(tokens, n, dtype=torch.float32, device=streams.device)
     bt, _, meta = _meta(n)
-    _collapse_bwd_kernel[(triton.cdiv(tokens, bt),)](
+    _read_bwd_kernel[(triton.cdiv(tokens, bt),)](
         x, _rows(h_pre, n), grad_y.reshape(tokens, C).contiguous(), grad_x, grad_h, tokens, C,
         x.stride(0), x.stride(1), **meta)
     return grad_h.view(h_pre.shape).to(h_pre.dtype), grad_x.view(streams.shape)
 
 
-@collapse_streams_backward.register_fake
+@read_streams_backward.register_fake
 def _(h_pre, streams, grad_y):
     return torch.empty_like(h_pre), streams.new_empty(streams.shape)
 
 
-def _collapse_setup(ctx, inputs, output):
+def _read_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
-def _collapse_grad(ctx, grad_y):
+def _read_grad(ctx, grad_y):
     h_pre, streams = ctx.saved_tensors
-    return collapse_streams_backward(h_pre, streams, grad_y)
+    return read_streams_backward(h_pre, streams, grad_y)
 
 
-collapse_streams.register_autograd(_collapse_grad, setup_context=_collapse_setup)
+read_streams.register_autograd(_read_grad, setup_context=_read_setup)
 
 
 @torch.library.custom_op("mhc_lm::write_streams", mutates_args=())

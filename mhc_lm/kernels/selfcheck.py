@@ -36,8 +36,8 @@ def kernel_ops() -> dict[str, Callable]:
     from . import glue_ops, sinkhorn_ops
 
     sinkhorn, mhc_coefficients = sinkhorn_ops()
-    collapse_streams, write_streams = glue_ops()
-    return dict(sinkhorn=sinkhorn, mhc_coefficients=mhc_coefficients, collapse_streams=collapse_streams,
+    read_streams, write_streams = glue_ops()
+    return dict(sinkhorn=sinkhorn, mhc_coefficients=mhc_coefficients, read_streams=read_streams,
                 write_streams=write_streams)
 
 
@@ -46,7 +46,7 @@ def kernel_ops() -> dict[str, Callable]:
 
 
 def sinkhorn_fp64(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """softmax over rows + eps, a column step, then iters - 1 (row, column) pairs (SPEC section 3)."""
+    """softmax over rows + eps, a column step, then iters - 1 (row, column) pairs (docs/sinkhorn.md)."""
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -55,15 +55,17 @@ def sinkhorn_fp64(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return comb
 
 
-def coefficients_fp64(mixes, r, scale, base, n: int, iters: int, eps: float, hc_eps: float):
+def coefficients_fp64(mixes, r, scale, base, n: int, iters: int, eps: float, hc_eps: float,
+                      project: Callable = sinkhorn_fp64):
+    """The epilogue (SPEC 2.3-2.4) in the inputs' precision; `project` is the Sinkhorn (another one: gpu_check)."""
     pre_m, post_m, res_m = (mixes * r).split([n, n, n * n], dim=-1)
     base_pre, base_post, base_res = base.split([n, n, n * n])
     pre = torch.sigmoid(scale[0] * pre_m + base_pre) + hc_eps
     post = 2 * torch.sigmoid(scale[1] * post_m + base_post)
-    return pre, post, sinkhorn_fp64((scale[2] * res_m + base_res).unflatten(-1, (n, n)), iters, eps)
+    return pre, post, project((scale[2] * res_m + base_res).unflatten(-1, (n, n)), iters, eps)
 
 
-def collapse_fp64(h_pre, streams):
+def read_fp64(h_pre, streams):
     return torch.einsum("tj,tjc->tc", h_pre, streams)
 
 
@@ -85,13 +87,13 @@ def _inputs(name: str, n: int, tokens: int, width: int, magnitude: float, device
         mixes = rand(tokens, 2 * n + n * n, low=-magnitude, high=magnitude)
         return (mixes, rand(tokens, 1, low=0.5, high=1.5), rand(3, low=0.5, high=1.5),
                 rand(2 * n + n * n)), (n, ITERS, EPS, EPS)
-    if name == "collapse_streams":
+    if name == "read_streams":
         return (rand(tokens, n, low=0.0, high=2.0), rand(tokens, n, width)), ()
     return (rand(tokens, n, low=0.0, high=2.0), rand(tokens, width), rand(tokens, n, n, low=0.0, high=1.0),
             rand(tokens, n, width)), ()
 
 
-REFERENCES = dict(sinkhorn=sinkhorn_fp64, mhc_coefficients=coefficients_fp64, collapse_streams=collapse_fp64,
+REFERENCES = dict(sinkhorn=sinkhorn_fp64, mhc_coefficients=coefficients_fp64, read_streams=read_fp64,
                   write_streams=write_fp64)
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the Sinkhorn projection and the mHC coefficient epilogue (SPEC sections 2, 3, 5).
+"""Triton kernels for the Sinkhorn projection and the mHC coefficient epilogue (docs/sinkhorn.md).
 
 Both work on tiles of BT tokens x (NP x NP) matrices, NP = n rounded up to a power of two (padding
 entries are held at exactly zero), in fp32 registers whatever the input dtype.
@@ -352,8 +352,8 @@ sinkhorn.register_autograd(_sinkhorn_grad, setup_context=_sinkhorn_setup)
 @torch.library.custom_op("mhc_lm::mhc_coefficients", mutates_args=())
 def mhc_coefficients(mixes: torch.Tensor, r: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
                      iters: int, eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The mHC epilogue (SPEC 2.3-2.4): mixes (..., 2n + n*n) from `flat @ fn^T`, r (..., 1) = 1 / RMS,
-    scale (3,), base (2n + n*n,), all fp32 -> H_pre (..., n), H_post (..., n), comb (..., n, n)."""
+    """The mHC epilogue (docs/residual.md, section 2, steps 3-4): mixes (..., 2n + n*n) from `flat @ fn^T`,
+    r (..., 1) = 1 / RMS, scale (3,), base (2n + n*n,), all fp32 -> H_pre (..., n), H_post (..., n), comb (..., n, n)."""
     lead = mixes.shape[:-1]
     m = mixes.reshape(-1, mixes.shape[-1]).contiguous()
     tokens = m.shape[0]

@@ -1,10 +1,10 @@
-"""Residual mixers: one small module per variant behind `make_mixer` (see SPEC.md).
+"""Residual mixers: one small module per variant behind `make_mixer` (docs/residual.md).
 
 Importing this package registers every variant.
 """
 
 from . import hc, ihc, kromhc, mhc, mhc_lite, orthogonal, orthostochastic, residual, shc, tbp  # noqa: F401  (registration side effects)
-from .base import Mixer, apply_comb, collapse_streams, write_streams
+from .base import Mixer, apply_comb, read_streams, write_streams
 from .collapse import COLLAPSE_MODES, HyperHead, expand_streams, make_collapse
 from .registry import COMMON_OPTIONS, MIXERS, MODEL_KEYS, make_mixer, mixer_options, parse_options
 from .sinkhorn import sinkhorn, sinkhorn_reference
@@ -18,7 +18,7 @@ __all__ = [
     "HyperHead",
     "Mixer",
     "apply_comb",
-    "collapse_streams",
+    "read_streams",
     "expand_streams",
     "make_collapse",
     "make_mixer",

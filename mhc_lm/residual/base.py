@@ -3,7 +3,7 @@
 A mixer wraps one sublayer F (one attention or one MLP). Given the residual streams x of shape
 (B, T, n, C) and the branch F as a callable (B, T, C) -> (B, T, C), it returns
 
-    x_next = H_res · x + H_post^T · F(H_pre · x)                            (SPEC section 1)
+    x_next = H_res · x + H_post^T · F(H_pre · x)                            (docs/residual.md)
 
 THE CONVENTION. Like DeepSeek-V4 and `transformers`, we store `comb = H_res^T` and apply
 `comb^T @ x`. Row i of H_res (= column i of comb) is what new stream i reads, so row sums of H_res
@@ -32,7 +32,7 @@ def apply_comb(comb: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     return torch.matmul(comb.transpose(-1, -2).to(streams.dtype), streams)
 
 
-def collapse_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+def read_streams(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     """H_pre · x: the branch input, sum_j h_pre[j] * x[j]. h_pre (B, T, n), streams (B, T, n, C) -> (B, T, C)."""
     return (h_pre.unsqueeze(-1).to(streams.dtype) * streams).sum(dim=-2)
 
@@ -48,11 +48,11 @@ def write_streams(h_post: torch.Tensor, out: torch.Tensor, comb: torch.Tensor, s
 
 
 def stream_ops(kernel: str, streams: torch.Tensor):
-    """(collapse, write) for these streams: the fused Triton kernels (`mhc_lm.kernels.glue`) or the PyTorch
+    """(read, write) for these streams: the fused Triton kernels (`mhc_lm.kernels.glue`) or the PyTorch
     functions above, by `residual.kernel` and the device. The one dispatch point of the apply step."""
     if use_triton(kernel, streams, streams.shape[-2]):
         return glue_ops()
-    return collapse_streams, write_streams
+    return read_streams, write_streams
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -69,7 +69,9 @@ class Mixer(nn.Module):
     """
 
     n: int
+    dim: int  # the width C of one stream, set by `make_mixer`
     kernel: str = "auto"  # residual.kernel (auto | triton | torch), set by `make_mixer`; see mhc_lm.kernels
+    signed: bool = False  # H_res may have negative entries by design: the spectral norm, not row sums, bounds it
 
     def mixing(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -79,8 +81,8 @@ class Mixer(nn.Module):
 
     def forward(self, streams: torch.Tensor, branch: Branch) -> torch.Tensor:
         h_pre, h_post, comb = self.mixing(streams)
-        collapse, write = stream_ops(self.kernel, streams)
-        out = branch(collapse(h_pre, streams))
+        read, write = stream_ops(self.kernel, streams)
+        out = branch(read(h_pre, streams))
         return write(h_post, out, comb, streams)
 
     def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,10 +90,33 @@ class Mixer(nn.Module):
         h_pre, h_post, comb = self.mixing(streams)
         return h_pre, h_post, comb.transpose(-1, -2)
 
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token of this mixer around its branch: making the coefficients
+        (`coefficient_flops`) and applying them (`apply_flops`). Training counts 3x (forward and backward),
+        as 6N counts the parameters' matmuls (docs/residual.md, "FLOPs")."""
+        return self.coefficient_flops() + self.apply_flops()
+
+    def coefficient_flops(self) -> int:
+        """Forward FLOPs per token of H_pre, H_post and comb from the streams."""
+        raise NotImplementedError
+
+    def apply_flops(self) -> int:
+        """The read H_pre · x (2nC) and the write H_post^T · out + H_res · x (2nC + 2n^2 C)."""
+        return 2 * self.n * (self.n + 2) * self.dim
+
+    def gate_scales(self) -> dict[str, float]:
+        """The learned gating factors of the dynamic part, as {scale_pre, scale_post, scale_res}; {} without."""
+        return {}
+
+    def sinkhorn_logits(self, streams: torch.Tensor) -> torch.Tensor | None:
+        """The per-token logits (B, T, k) this mixer hands to the Sinkhorn; None where H_res is not a Sinkhorn
+        projection (the diagnostics then report no logit range)."""
+        return None
+
 
 @dataclasses.dataclass
 class GeneratorOptions:
-    """Initialization and numerics of the shared coefficient generator (SPEC section 2)."""
+    """Initialization and numerics of the shared coefficient generator (docs/residual.md, section 2)."""
 
     scale_init: float = 0.01  # the paper's gating factor
     fn_init_std: float = 0.02  # 0 gives a zero (purely static) start
@@ -107,7 +132,7 @@ RES_INITS = ("identity", "uniform")
 
 @dataclasses.dataclass
 class ResOptions(GeneratorOptions):
-    """A generator with a res block: how its bias starts (SPEC section 2, `base_res`).
+    """A generator with a res block: how its bias starts (docs/residual.md, section 2).
 
     identity: identity-leaning, H_res close to I at step 0 (how close: res_init_strength, whose
     meaning each variant documents); uniform: the centre of the variant's constraint set.
@@ -118,7 +143,7 @@ class ResOptions(GeneratorOptions):
 
 
 class GeneratedMixer(Mixer):
-    """A mixer whose coefficients come from the shared generator of SPEC section 2 (the mHC family).
+    """A mixer whose coefficients come from the shared generator of docs/residual.md, section 2 (the mHC family).
 
     Parameters keep DeepSeek-V4's names and layout, so its weights load 1:1: `fn` ((2n + k), n*C)
     with output rows ordered [pre (n) | post (n) | res (k)], `base` (2n + k) and `scale` (3), where
@@ -136,6 +161,14 @@ class GeneratedMixer(Mixer):
     def res_flops(n: int) -> int:
         """Approximate FLOPs per token of the projection P (the res block to comb), for the README table."""
         raise NotImplementedError
+
+    def projection_flops(self) -> int:
+        """FLOPs per token of this mixer's projection P (`res_flops` at its own options)."""
+        return self.res_flops(self.n)
+
+    def coefficient_flops(self) -> int:
+        """The generator's matmul, (2n + k) outputs of an n*C input, then the projection of the k res logits."""
+        return 2 * (2 * self.n + self.num_res_logits) * self.n * self.dim + self.projection_flops()
 
     def __init__(self, dim: int, n: int, layer_index: int, options: GeneratorOptions):
         super().__init__()
@@ -198,5 +231,8 @@ class GeneratedMixer(Mixer):
     def mixing(self, streams):
         pre, post, res_logit = self.generate(streams)
         return pre, post, self.project(res_logit)
+
+    def gate_scales(self) -> dict[str, float]:
+        return dict(zip(("scale_pre", "scale_post", "scale_res"), self.scale.detach().float().tolist()))
 
 

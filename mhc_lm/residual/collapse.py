@@ -1,4 +1,4 @@
-"""Stream expansion and the final collapse of the n streams before the last norm (SPEC section 4)."""
+"""Stream expansion and the final collapse of the n streams before the last norm (docs/residual.md, section 1)."""
 
 from __future__ import annotations
 

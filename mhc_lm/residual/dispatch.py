@@ -1,4 +1,4 @@
-"""The residual package's one door to the optional Triton kernels of `mhc_lm.kernels` (SPEC section 5).
+"""The residual package's one door to the optional Triton kernels of `mhc_lm.kernels` (docs/sinkhorn.md).
 
 `residual.kernel` (auto | triton | torch) picks the kernels or the PyTorch path; `use_triton` is the
 rule. The kernels are not part of an exported model's code bundle (mhc_lm/export.py turns the guarded

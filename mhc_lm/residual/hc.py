@@ -67,3 +67,14 @@ class HcMixer(Mixer):
             comb = comb + self.alpha * torch.tanh(xb @ self.dynamic_res.float())  # row j = input stream j
             post = post + self.beta * torch.tanh(xb @ self.dynamic_post.float())
         return pre, post, comb
+
+    def coefficient_flops(self) -> int:
+        """Dynamic HC: per stream, the normalized stream times W_m, W_r, W_b, (n + 2) outputs of C inputs."""
+        return 2 * self.n * (self.n + 2) * self.dim if self.options.dynamic else 0
+
+    def gate_scales(self) -> dict[str, float]:
+        """alpha gates pre and res, beta gates post (static HC has no gates)."""
+        if not self.options.dynamic:
+            return {}
+        alpha, beta = self.alpha.item(), self.beta.item()
+        return {"scale_pre": alpha, "scale_post": beta, "scale_res": alpha}

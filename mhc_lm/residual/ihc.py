@@ -43,8 +43,8 @@ class IhcMixer(GeneratedMixer):
 
     def forward(self, streams, branch):
         h_pre, h_post, _ = self.generate(streams)
-        collapse, write = stream_ops(self.kernel, streams)
-        out = branch(collapse(h_pre, streams))
+        read, write = stream_ops(self.kernel, streams)
+        out = branch(read(h_pre, streams))
         if write is write_streams:  # the PyTorch path: H_res = I needs no stream matmul
             return streams + expand_output(h_post, out, streams)
         return write(h_post, out, self.project(h_post), streams)  # the fused write, comb = I (a constant)

@@ -55,6 +55,12 @@ class MhcMixer(GeneratedMixer):
         res_logit = res_logit.unflatten(-1, (self.n, self.n))  # (B, T, n, n), comb layout
         return sinkhorn(res_logit, self.options.sinkhorn_iters, self.options.sinkhorn_eps, self.kernel)
 
+    def projection_flops(self) -> int:
+        return self.res_flops(self.n, self.options.sinkhorn_iters)
+
+    def sinkhorn_logits(self, streams):
+        return self.generate(streams)[2]
+
     def mixing(self, streams):
         if not use_triton(self.kernel, streams, self.n):
             return super().mixing(streams)

@@ -55,7 +55,7 @@ def make_mixer(name: str, dim: int, n: int, layer_index: int, **options):
     kernel = options.get("kernel", COMMON_OPTIONS["kernel"])
     check_kernel_choice(kernel, n)
     mixer = MIXERS[name][0](dim, n, layer_index, opts)
-    mixer.kernel = kernel
+    mixer.kernel, mixer.dim = kernel, dim
     return mixer
 
 

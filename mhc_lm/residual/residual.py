@@ -29,6 +29,9 @@ class ResidualMixer(Mixer):
     def forward(self, streams, branch):
         return streams + branch(streams[..., 0, :]).unsqueeze(-2)
 
+    def flops_per_token(self) -> int:
+        return 0  # x + F(x): one add per channel, left out as 6N leaves out the plain residual
+
     def mixing(self, streams):
         ones = streams.new_ones(*streams.shape[:-1], dtype=torch.float32)  # (B, T, 1)
         return ones, ones, ones.unsqueeze(-1)

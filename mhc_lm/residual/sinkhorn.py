@@ -1,6 +1,6 @@
 """Sinkhorn-Knopp projection of mixing logits onto (approximately) doubly stochastic matrices.
 
-The function is the DeepSeek-V4 iteration (SPEC section 3), on the `comb` layout (comb = H_res^T):
+The function is the DeepSeek-V4 iteration (docs/sinkhorn.md), on the `comb` layout (comb = H_res^T):
 
     comb = softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(-2) + eps)                 # columns of comb

@@ -1,6 +1,6 @@
 """TBP-mHC (arXiv 2605.21724): transportation-polytope charts of the doubly stochastic matrices.
 
-`tbp` fills H_res entry by entry (SPEC section 3). Start with row masses r_i = 1 and column masses
+`tbp` fills H_res entry by entry (docs/residual.md). Start with row masses r_i = 1 and column masses
 c_j = 1; for i, j < n - 1 in row-major order
 
     L = max(0, r_i - sum_{k>j} c_k, c_j - sum_{k>i} r_k),   U = min(r_i, c_j)
