@@ -220,14 +220,12 @@ COLUMN_NAMES = {"val_loss": "val loss", "tokens_per_s": "tokens/s", "activation_
 
 def summary_markdown(rows: list[dict], val_tokens: Optional[int]) -> str:
     """The per-variant table: mean ± std over seeds; n/a where a run recorded nothing."""
-    def format_cell(value: float) -> str:  # speeds and large gains as integers, losses to 4 decimals
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4f}"
-
-    def pm(row, key):
+    def pm(row, key):  # speeds and large gains as integers, losses to 4 decimals; the spread like its mean
         mean, spread = row[f"{key}_mean"], row[f"{key}_std"]
         if math.isnan(mean):
             return "n/a"
-        return format_cell(float(mean)) + ("" if math.isnan(spread) else f" ± {format_cell(float(spread))}")
+        pattern = "{:,.0f}" if abs(mean) >= 100 else "{:.4f}"
+        return pattern.format(mean) + ("" if math.isnan(spread) else " ± " + pattern.format(spread))
 
     def ratio(value):
         return "n/a" if math.isnan(value) else f"{value:.2f}x"
