@@ -26,11 +26,9 @@ from typing import Optional
 
 import yaml
 
-from .checkpoint import load_model_from_checkpoint, read_trainer_state
 from .config import check_repo_id, check_revision
 from .data import SOURCES
 from .errors import ConfigError
-from .export import has_bundled_code, save_export
 from .model_sources import ModelSource, resolve_sources
 from .run_dir import RUN_CONFIG, RunDir, step_of
 
@@ -109,19 +107,6 @@ def push_source(spec: str) -> ModelSource:
     return resolve_sources(spec, "last", option="source")[0]
 
 
-def export_folder(source: ModelSource, scratch: Path) -> Path:
-    """A complete export of the source: the export itself, or one written to `scratch`."""
-    if source.kind == "checkpoint":
-        model, tokenizer = load_model_from_checkpoint(source.location)
-        return save_export(model, tokenizer, scratch / "export", trainer_state=read_trainer_state(source.location))
-    folder = Path(source.location)
-    if not has_bundled_code(folder):
-        raise ConfigError(f"source={source.location!r}: an export without its modeling code (modeling_mhc.py, "
-                          "auto_map), which mhc-lm has written since 0.1.0; allowed: an export of mhc-lm >= 0.1.0, "
-                          "or the run's checkpoint")
-    return folder
-
-
 def diagnostics_pictures(run_dir: Optional[Path], step: Optional[int]) -> list[Path]:
     """PNGs (and the summary JSON) of RUN/diagnostics/step_M for the newest M <= step (any M if unknown)."""
     if run_dir is None:
@@ -135,7 +120,7 @@ def diagnostics_pictures(run_dir: Optional[Path], step: Optional[int]) -> list[P
 
 def upload_files(source: ModelSource, scratch: Path, repo: str) -> dict[str, Path]:
     """path in the repository -> local file, README.md included."""
-    folder = export_folder(source, scratch)
+    folder = source.export_folder(scratch)
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
              if p.is_file() and not any(part.startswith((".", "__pycache__")) for part in p.relative_to(folder).parts)}
     for picture in diagnostics_pictures(source.run_dir, source.step):

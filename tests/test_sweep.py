@@ -114,15 +114,16 @@ def test_the_diagnostics_command_on_a_run_writes_under_its_diagnostics_not_its_e
     assert not (run / "export" / "diagnostics").exists()
 
 
-def test_the_report_dirs_of_a_checkpoint_and_a_hub_id(tmp_path):
-    from mhc_lm.diagnostics.cli import default_report_dir
-    from mhc_lm.model_sources import ModelSource
+def test_the_report_dirs_of_a_checkpoint_an_export_and_a_hub_id(tmp_path):
+    from mhc_lm.model_sources import CheckpointSource, ExportSource, HubSource
 
     run = tmp_path / "run"
-    checkpoint = ModelSource("checkpoint", str(run / "checkpoints" / "step_000008"), "run/step_000008", run, 8)
-    assert default_report_dir(checkpoint, "x") == run / "diagnostics" / "checkpoint_step_000008"
-    hub = ModelSource("hub", "alice/m", "alice/m")
-    assert str(default_report_dir(hub, "alice/m")) == "diagnostics/alice--m"
+    checkpoint = CheckpointSource(str(run / "checkpoints" / "step_000008"), "run/step_000008", run, 8)
+    assert checkpoint.diagnostics_dir() == run / "diagnostics" / "checkpoint_step_000008"
+    assert ExportSource(str(run / "export"), "run/export", run).diagnostics_dir() == run / "diagnostics" / "export"
+    alone = tmp_path / "alone"  # a model folder of no run: its report beside it
+    assert ExportSource(str(alone), str(alone)).diagnostics_dir() == alone / "diagnostics"
+    assert str(HubSource("alice/m", "alice/m").diagnostics_dir()) == "diagnostics/alice--m"
 
 
 def test_pushing_while_the_hub_is_unreachable_is_one_line_and_exit_2(tiny_run):

@@ -28,7 +28,7 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
                     seq_len: Optional[int] = None, data: str = "run", device: str = "cpu",
                     trust_remote_code: bool = False) -> tuple[DiagnosticsReport, Path]:
     """The report of a checkpoint, a run (its export, else its newest checkpoint), an export or a Hub id,
-    written to `out` (default: `default_report_dir`); ConfigError on a bad name or option.
+    written to `out` (default: `source.diagnostics_dir()`); ConfigError on a bad name or option.
 
     The probe is the training run's own where the run is known: its data config (RUN/.hydra/config.yaml,
     data="run") in the model's tokenizer, its data.seq_len and logger.diag_batch_size; else the bundled
@@ -51,22 +51,9 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
     result = run_diagnostics(model.to(device), probe_batch(tokens.validation, seq_len, batch_size).to(device),
                              source.step)
     result.report["source"] = {"spec": spec, "kind": source.kind, "label": source.label}
-    out = out or default_report_dir(source, spec)
+    out = out or source.diagnostics_dir()
     result.write(out)
     return result, out
-
-
-def default_report_dir(source, spec: str) -> Path:
-    """Where the command line writes a report: under the run's diagnostics (RUN/diagnostics/export,
-    RUN/diagnostics/checkpoint_step_N), never inside the export or checkpoint that gets pushed;
-    FOLDER/diagnostics for a model folder that belongs to no run; diagnostics/USER--NAME for a Hub id."""
-    if source.run_dir is not None:
-        folder = Path(source.location).name
-        diagnostics = RunDir(source.run_dir).diagnostics
-        return diagnostics / (folder if source.kind == "export" else f"checkpoint_{folder}")
-    if source.kind == "hub":
-        return Path("diagnostics") / spec.replace("/", "--")
-    return Path(source.location) / "diagnostics"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
