@@ -30,14 +30,13 @@ from omegaconf import DictConfig, OmegaConf
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mhc_lm.checkpoint import check_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from mhc_lm.checkpoint import load_checkpoint, save_checkpoint
 from mhc_lm.cli import reported, run
 from mhc_lm.config import TrainConfig, register_configs, validate
 from mhc_lm.console import console_to_log, quiet_libraries
 from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
 from mhc_lm.diagnostics import log_diagnostics, probe_batch
-from mhc_lm.distributed import (Preemption, check_rendezvous_env, engine_name, parameter_count,
-                                strip_local_rank_flag)
+from mhc_lm.distributed import Preemption, engine_name, parameter_count, report_stop, strip_local_rank_flag
 from mhc_lm.errors import ConfigError
 from mhc_lm.export import check_bundle, export_model
 from mhc_lm.hub import check_push_access, push
@@ -45,6 +44,7 @@ from mhc_lm.kernels import check_before_training
 from mhc_lm.metrics import evaluate_loss, flops_per_token, peak_flops, perplexity
 from mhc_lm.model import MhcForCausalLM, build_config
 from mhc_lm.optim import build_optimizer, lr_at, set_lr
+from mhc_lm.preflight import check_train, run_config
 from mhc_lm.run_dir import RunDir
 from mhc_lm.tracking import Tracker
 from mhc_lm.training import (Backward, StepResult, TrainState, due, make_accelerator, make_backward,
@@ -84,25 +84,17 @@ class Run:
 
 
 def check_before_work(cfg: TrainConfig, run_dir: Path) -> Optional[Path]:
-    """Everything that can be checked before any work; returns the checkpoint to resume from, if any."""
-    validate(cfg)
+    """Everything that can be checked before any work; returns the checkpoint to resume from, if any: options,
+    launch environment, and an intact checkpoint this run can continue (manifest, model, process count)."""
+    checkpoint = check_train(cfg, run_dir)
     quiet_libraries()
-    checkpoint = resolve_resume(cfg.trainer.resume, run_dir)
-    if checkpoint is not None:
-        check_compatible(checkpoint, run_config_of(cfg))
     if cfg.trainer.export or cfg.hub.push:
         check_bundle()  # the export's modeling code: a bundling problem shows now, not after training
     if (cfg.hub.push or cfg.hub.push_checkpoints) and int(os.environ.get("RANK", "0")) == 0:
         check_push_access(cfg.hub.repo, option="hub.repo")  # a token that can write, before hours of training
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    check_rendezvous_env()
     return checkpoint
-
-
-def run_config_of(cfg: TrainConfig) -> dict:
-    """The model and residual configuration a checkpoint is checked against on resume."""
-    return {"model": dataclasses.asdict(cfg.model), "residual": dict(cfg.residual)}
 
 
 def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
@@ -123,7 +115,7 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
               make_train_loader(data, cfg.trainer.batch_size, cfg.trainer.seed, accelerator.process_index,
                                 accelerator.num_processes),
               model_config, model, optimizer, make_backward(accelerator, model, cfg.logger.grad_norms), tracker,
-              run_config_of(cfg), unigram_loss(data.unigram_sample, data.validation, data.vocab_size), 0.0,
+              run_config(cfg), unigram_loss(data.unigram_sample, data.validation, data.vocab_size), 0.0,
               preemption)
     run.step_flops = flops_per_token(model_config, cfg.data.seq_len) * run.tokens_per_step
     announce(run, precision)
@@ -251,11 +243,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
 def stopped(run: Run, state: TrainState, val_loss: float) -> float:
     """Stopped early (preemption or trainer.stop_at_step): the checkpoint is saved, say how to continue."""
     run.tracker.finish()
+    report_stop(run.accelerator, run.run_dir, state.step, run.cfg.trainer.max_steps, run.preemption)  # 75 if preempted
     run.accelerator.end_training()
-    why = f"on {run.preemption.received}" if run.preemption.received else "at trainer.stop_at_step"
-    run.accelerator.print(f"run dir: {run.run_dir} | stopped {why} at step {state.step} of {run.cfg.trainer.max_steps}, "
-                          f"checkpoint saved; continue with: python train.py hydra.run.dir={run.run_dir} "
-                          "trainer.resume=auto")
     return val_loss
 
 

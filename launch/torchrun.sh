@@ -30,4 +30,7 @@ else
     RDZV=(--standalone)
 fi
 
-exec torchrun "${RDZV[@]}" --nproc_per_node "$NPROC_PER_NODE" train.py "hydra.run.dir=$RUN_DIR" "$@"
+# launch/supervise.sh runs torchrun in its own session and forwards signals to the ranks only: a
+# preempted job exits 75 (requeue) with one line, not with torch-elastic's traceback and exit 1.
+exec "$(dirname "$0")/supervise.sh" "$RUN_DIR" \
+    torchrun "${RDZV[@]}" --nproc_per_node "$NPROC_PER_NODE" train.py "hydra.run.dir=$RUN_DIR" "$@"

@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import EXIT_BAD_INPUT, ConfigError, MhcError
+from .errors import EXIT_BAD_INPUT, ConfigError, MhcError, check_writable_dir
 
 
 def one_line(text: str) -> str:
@@ -61,18 +61,26 @@ def remove_if_only_hydra(path: Path) -> bool:
 
 def run(hydra_main: Callable[[], Any], config_name: str, check: Optional[Callable[[Any], None]] = None,
         output_option: str = "trainer.output_dir") -> None:
-    """Check sys.argv's overrides (composition, output directory, `check(cfg)`), then call `hydra_main`.
+    """Check sys.argv's overrides (`check_command_line`), then call `hydra_main`.
 
     Command lines with Hydra flags (--help, --cfg, -m, ...) go to Hydra unchecked."""
     overrides = sys.argv[1:]
     if not any(arg.startswith("-") for arg in overrides):
         with reported():
-            cfg, run_dir = compose_checked(config_name, overrides)
-            explicit_dir = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in overrides)
-            check_output_dir(run_dir, "hydra.run.dir" if explicit_dir else output_option)
-            if check is not None:
-                check(cfg)
+            check_command_line(config_name, overrides, check, output_option)
     hydra_main()
+
+
+def check_command_line(config_name: str, overrides: list[str], check: Optional[Callable[[Any], None]] = None,
+                       output_option: str = "trainer.output_dir"):
+    """Composition, the output directory (before Hydra creates it) and `check(cfg)`; returns (cfg, run_dir).
+    Raises the MhcError `run` reports."""
+    cfg, run_dir = compose_checked(config_name, overrides)
+    explicit_dir = any(o.split("=", 1)[0].lstrip("+~") == "hydra.run.dir" for o in overrides)
+    check_output_dir(run_dir, "hydra.run.dir" if explicit_dir else output_option)
+    if check is not None:
+        check(cfg)
+    return cfg, run_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,14 +266,4 @@ def expected_type_words(hint) -> str:
 
 def check_output_dir(path: Path, option: str) -> None:
     """The run directory must be creatable and writable: its nearest existing ancestor is a writable directory."""
-    path = Path(path).expanduser()
-    existing = path
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"{option}={str(path)!r}: {existing} is a file, not a directory; allowed: a directory "
-                          "path (existing or creatable)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option}={str(path)!r}: {existing} is not writable; allowed: a directory you can write")
+    check_writable_dir(option, path)

@@ -11,6 +11,7 @@ names the option, the value and what is allowed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from .data import DataConfig, source_of, validate_data
-from .errors import ConfigError, check_choice, check_min, fail
+from .errors import ConfigError, check_choice, check_min, check_range, fail
 from .residual import validate_residual as check_residual
 
 
@@ -196,6 +197,8 @@ def validate_model(model: ModelConfig) -> None:
     if model.vocab_size is not None:
         check_min("model.vocab_size", model.vocab_size, 2)
     check_min("model.vocab_multiple", model.vocab_multiple, 1)
+    for key in ("rope_theta", "norm_eps", "init_std"):  # a base, a term under rsqrt, a standard deviation
+        check_range(f"model.{key}", getattr(model, key), 0, math.inf, low_open=True, high_open=True)
 
 
 OPTIMIZERS = ("adamw",)
@@ -208,17 +211,20 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 def validate_optim(optim: OptimConfig) -> None:
     check_choice("optim.name", optim.name, OPTIMIZERS)
     check_choice("optim.schedule", optim.schedule, SCHEDULES)
-    if not optim.lr > 0:
+    if not 0 < optim.lr < math.inf:
         fail("optim.lr", optim.lr, "allowed: a number > 0")
-    if not 0 <= optim.min_lr_ratio <= 1:
-        fail("optim.min_lr_ratio", optim.min_lr_ratio, "allowed: a number in [0, 1]")
+    check_range("optim.min_lr_ratio", optim.min_lr_ratio, 0, 1)
     if len(optim.betas) != 2 or not all(0 <= b < 1 for b in optim.betas):
         fail("optim.betas", list(optim.betas), "allowed: two numbers in [0, 1)")
     check_min("optim.warmup_steps", optim.warmup_steps, 0)
     check_min("optim.weight_decay", optim.weight_decay, 0)
     check_min("optim.grad_clip", optim.grad_clip, 0)
+    check_min("optim.eps", optim.eps, 0)
     if not 0 < optim.decay_fraction <= 1:
         fail("optim.decay_fraction", optim.decay_fraction, "allowed: a fraction in (0, 1]")
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy, torch and random)
 
 
 def validate_trainer(trainer: TrainerConfig) -> None:
@@ -226,6 +232,7 @@ def validate_trainer(trainer: TrainerConfig) -> None:
         check_min(f"trainer.{key}", getattr(trainer, key), 1)
     check_min("trainer.ckpt_every", trainer.ckpt_every, 0)
     check_choice("trainer.precision", trainer.precision, PRECISIONS)
+    check_range("trainer.seed", trainer.seed, 0, SEED_MAX)
     for key in ("num_threads", "stop_at_step", "global_batch_size"):
         if getattr(trainer, key) is not None:
             check_min(f"trainer.{key}", getattr(trainer, key), 1)
@@ -301,6 +308,7 @@ def validate_eval(cfg: EvalConfig) -> None:
         check_min("num_threads", cfg.num_threads, 1)
     lm = cfg.lm_eval
     check_min("lm_eval.batch_size", lm.batch_size, 1)
+    check_range("lm_eval.seed", lm.seed, 0, SEED_MAX)
     if lm.num_fewshot is not None:
         check_min("lm_eval.num_fewshot", lm.num_fewshot, 0)
     if lm.limit is not None and not lm.limit > 0:
@@ -310,6 +318,7 @@ def validate_eval(cfg: EvalConfig) -> None:
     gen = cfg.generate
     check_min("generate.max_new_tokens", gen.max_new_tokens, 1)
     check_min("generate.temperature", gen.temperature, 0)
+    check_range("generate.seed", gen.seed, 0, SEED_MAX)
     if gen.top_k is not None:
         check_min("generate.top_k", gen.top_k, 1)
 

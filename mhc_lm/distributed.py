@@ -19,15 +19,20 @@ rank was signalled (one all-reduce), all save a checkpoint, and the run exits cl
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shlex
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import EXIT_PREEMPTED, ConfigError
+from .run_dir import RunDir
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -56,15 +61,31 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size() -> int:
+    """The launcher's WORLD_SIZE (1 when not launched distributed); ConfigError if it is not a count."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"environment WORLD_SIZE={value!r}: not a process count; allowed: an integer >= 1 "
+                          "(set by torchrun, accelerate launch or SLURM), or unset")
+    return int(value)
+
+
 def check_rendezvous_env() -> None:
     """A distributed launch (WORLD_SIZE > 1) must say where to meet; name what is missing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return
     missing = [v for v in RENDEZVOUS_VARS if not os.environ.get(v)]
     if missing:
         raise ConfigError(f"environment {missing[0]}=<unset>: WORLD_SIZE={os.environ['WORLD_SIZE']} asks for a "
                           f"distributed run, which also needs {', '.join(RENDEZVOUS_VARS)}; launch with "
                           "torchrun, accelerate launch or launch/slurm/train.sbatch, which set them")
+    for var in ("RANK", "LOCAL_RANK", "MASTER_PORT"):
+        if not os.environ[var].isdigit():
+            raise ConfigError(f"environment {var}={os.environ[var]!r}: not an integer; allowed: an integer "
+                              "(set by the launcher)")
+    if int(os.environ["RANK"]) >= world_size():
+        raise ConfigError(f"environment RANK={os.environ['RANK']}: not below WORLD_SIZE={world_size()}; allowed: "
+                          f"0..{world_size() - 1}")
 
 
 def resolve_grad_accum(cfg: TrainConfig, world_size: int) -> int:
@@ -186,10 +207,15 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 -> checkpoint at the end of the step, on every rank, then exit cleanly."""
+    """SIGTERM / SIGUSR1 -> checkpoint at the end of the step, on every rank, then exit cleanly.
+
+    `received` is the signal this rank got; `cause` the signal any rank got, the same on every rank once
+    `requested` has said True (a rank that was not signalled still names the real cause)."""
 
     def __init__(self, signals: tuple[str, ...] = PREEMPT_SIGNALS):
+        self.signals = signals
         self.received: str | None = None
+        self.cause: str | None = None
         for name in signals:
             signal.signal(getattr(signal, name), self._handle)
 
@@ -199,6 +225,78 @@ class Preemption:
               file=sys.stderr, flush=True)
 
     def requested(self, accelerator) -> bool:
-        """True on every rank when any rank was signalled (one all-reduce of a flag)."""
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        """True on every rank when any rank was signalled (one all-reduce of a flag per signal)."""
+        flags = torch.tensor([float(self.received == name) for name in self.signals], device=accelerator.device)
+        counts = accelerator.reduce(flags, reduction="sum").tolist()
+        caught = [name for name, count in zip(self.signals, counts) if count > 0]
+        self.cause = self.cause or (caught[0] if caught else None)
+        return bool(caught)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping early: how the run ends, and how to continue it
+
+RUN_SPECIFIC = ("hydra.run.dir", "trainer.run_name", "trainer.resume", "trainer.stop_at_step")
+
+
+def under_elastic_agent() -> bool:
+    """Launched by torchrun or accelerate launch: the agent counts a non-zero exit as a failure."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def launcher_prefix() -> list[str]:
+    """The command up to and including the training script: the elastic agent's own command line (torchrun,
+    accelerate launch) when there is one, else this interpreter."""
+    script = os.path.abspath(sys.argv[0])
+    if under_elastic_agent():
+        with contextlib.suppress(OSError):
+            parent = open(f"/proc/{os.getppid()}/cmdline", "rb").read().split(b"\0")
+            argv = [a.decode() for a in parent if a]
+            at = next((i for i, a in enumerate(argv) if os.path.basename(a) == os.path.basename(script)), None)
+            if at is not None:
+                return [*argv[:at], script]
+    return [sys.executable, script]
+
+
+def continue_command(run_dir: Path) -> list[str]:
+    """This run's command line with its own overrides, continuing in `run_dir` from its newest checkpoint."""
+    kept = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") not in RUN_SPECIFIC]
+    return [*launcher_prefix(), *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+
+
+CARRIED_ENV = ("PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "MHC_LM_CACHE", "CUDA_VISIBLE_DEVICES",
+               "HF_HOME", "WANDB_MODE")
+
+
+def write_stop_record(run_dir: Path, step: int, cause: str) -> Path:
+    """RUN/continue.sh (the exact command, run from the same directory with the same launcher) and
+    RUN/stopped.json; rank 0 calls it when the run stops before trainer.max_steps."""
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in CARRIED_ENV if k in os.environ]
+    script = RunDir(run_dir).continue_script
+    script.write_text("#!/bin/bash\n# Continue this run from its newest intact checkpoint (written when it stopped).\n"
+                      f"cd {shlex.quote(os.getcwd())}\nexec {' '.join(['env', *env]) + ' ' if env else ''}"
+                      f"{shlex.join(continue_command(Path(run_dir)))}\n")
+    script.chmod(0o755)
+    record = {"step": step, "cause": cause, "continue": str(script)}
+    RunDir(run_dir).stopped.write_text(json.dumps(record, indent=2) + "\n")
+    return script
+
+
+def clear_stop_record(run_dir: Path) -> None:
+    """A run that goes on is no longer stopped (rank 0, at the start)."""
+    RunDir(run_dir).stopped.unlink(missing_ok=True)
+
+
+def report_stop(accelerator, run_dir: Path, step: int, max_steps: int, preemption: Preemption) -> None:
+    """Say why the run stopped early (the same cause on every rank), write RUN/continue.sh, and on a preemption
+    end with EXIT_PREEMPTED, except under an elastic agent (a non-zero worker is a failure to it: the launch
+    scripts read RUN/stopped.json instead)."""
+    cause = preemption.cause or "trainer.stop_at_step"
+    if accelerator.is_main_process:
+        write_stop_record(run_dir, step, cause)
+    accelerator.wait_for_everyone()
+    why = f"on {cause}" if preemption.cause else "at trainer.stop_at_step"
+    accelerator.print(f"run dir: {run_dir} | stopped {why} at step {step} of {max_steps}, checkpoint saved; "
+                      f"continue with: bash {RunDir(run_dir).continue_script}")
+    if preemption.cause and not under_elastic_agent():
+        raise SystemExit(EXIT_PREEMPTED)

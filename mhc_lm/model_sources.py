@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional
 
-from .checkpoint import has_weights, load_model_from_checkpoint, read_trainer_state
+from .checkpoint import checkpoint_damage, has_weights, load_model_from_checkpoint, read_trainer_state
 from .export import has_bundled_code, save_export
 from .run_dir import RUN_CONFIG, TRAINER_STATE, RunDir, step_of
 from .errors import ConfigError
@@ -118,7 +118,12 @@ def run_label(run_dir: Path, suffix: str) -> str:
     return f"{run_dir.name}/{suffix}"
 
 
-def checkpoint_source(path: Path) -> ModelSource:
+def checkpoint_source(path: Path, option: str = "models") -> ModelSource:
+    """A training checkpoint, checked against its manifest before anything reads it."""
+    damage = checkpoint_damage(path)
+    if damage:
+        raise ConfigError(f"{option}={str(path)!r}: damaged checkpoint, {damage}; allowed: an intact checkpoint, "
+                          "an exported folder or a Hub id")
     state = read_trainer_state(path)
     run_dir = path.parent.parent if RunDir(path.parent.parent).checkpoints == path.parent else None
     label = run_label(run_dir, path.name) if run_dir is not None else str(path)
@@ -141,16 +146,16 @@ def resolve_sources(spec: str, checkpoints: str = "last", option: str = "models"
     path = Path(spec).expanduser()
     if path.is_dir():
         if is_checkpoint(path):
-            return [checkpoint_source(path)]
+            return [checkpoint_source(path, option)]
         if is_export(path):
             return [export_source(path)]
         found = RunDir(path).list_checkpoints()
         if checkpoints == "all" and found:
-            return [checkpoint_source(p) for p in found]
+            return [checkpoint_source(p, option) for p in found]
         if is_export(RunDir(path).export):
             return [export_source(RunDir(path).export)]
         if found:
-            return [checkpoint_source(found[-1])]
+            return [checkpoint_source(found[-1], option)]
         raise ConfigError(f"{option}={spec!r}: a directory with neither a checkpoint (trainer_state.json, "
                           "run_config.json, weights), a model (config.json), checkpoints/step_N nor export/; allowed: "
                           "a checkpoint, a run directory, an exported folder or a Hub id")

@@ -6,9 +6,12 @@
       checkpoints/step_000123/      a complete checkpoint (mhc_lm.checkpoint), holding among others
         trainer_state.json          the loop's TrainState
         run_config.json             the model and residual sections, checked on resume
+        manifest.json               every other file's size and sha256, written last
       checkpoints/.tmp-step_000123/ a checkpoint being written (renamed when complete)
       diagnostics/step_000123/      the mixing probe's JSON, arrays and pictures (mhc_lm.diagnostics)
       export/                       the final Hugging Face export (with its own trainer_state.json)
+      stopped.json                  why and at which step a run stopped early (launch/supervise.sh reads it)
+      continue.sh                   the command that continues a run that stopped early
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
+MANIFEST = "manifest.json"
+PARTIAL_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -73,7 +78,19 @@ class RunDir:
         return self.checkpoints / step_name(step)
 
     def partial_checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f".tmp-{step_name(step)}"
+        return self.checkpoints / f"{PARTIAL_PREFIX}{step_name(step)}"
+
+    def list_partial_checkpoints(self) -> list[Path]:
+        """Checkpoints being written, or left half-written by a crash."""
+        return sorted(self.checkpoints.glob(PARTIAL_PREFIX + "*")) if self.checkpoints.is_dir() else []
+
+    @property
+    def stopped(self) -> Path:
+        return self.path / "stopped.json"
+
+    @property
+    def continue_script(self) -> Path:
+        return self.path / "continue.sh"
 
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""

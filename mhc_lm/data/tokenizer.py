@@ -7,12 +7,14 @@ the end-of-text token. The same documents therefore give the same tokens whether
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from typing import Callable, Iterable
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, fail
 from .config import DataConfig
 from .cache import atomic_dir_write, cache_root, digest
 
@@ -37,11 +39,36 @@ def train_bpe(texts, vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOT, bos_token=EOT, pad_token=EOT)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+TOKENIZER_ALLOWED = ("allowed: bpe (trained on the data), a Hugging Face tokenizer name such as gpt2 or ORG/NAME, "
+                     "or a directory written by save_pretrained")
+
+
+def check_tokenizer(name: str, option: str = "data.tokenizer") -> None:
+    """Before any work: `bpe`, a directory holding tokenizer files, or what could be a Hub name."""
+    if name == "bpe":
+        return
+    path = os.path.expanduser(name)
+    if name.startswith(("/", ".", "~")) or os.path.exists(path):
+        if not os.path.isdir(path):
+            fail(option, name, f"no such directory; {TOKENIZER_ALLOWED}")
+        if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            fail(option, name, f"the directory has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}); "
+                               f"{TOKENIZER_ALLOWED}")
+    elif not HUB_NAME.match(name):
+        fail(option, name, f"neither a directory nor a Hub name; {TOKENIZER_ALLOWED}")
+
+
 def load_tokenizer(name_or_path: str, option: str = "data.tokenizer"):
     """A Hugging Face tokenizer by name or path; it must have an end-of-text token to put between documents."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # not on the Hub, no network, not a tokenizer
+        first = " ".join(str(err).split("\n")[0].split())[:200]
+        raise ConfigError(f"{option}={name_or_path!r}: cannot be loaded ({first}); {TOKENIZER_ALLOWED}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"{option}={name_or_path!r}: has no end-of-text (eos) token to put between documents; "
                           "allowed: a tokenizer with an eos_token")

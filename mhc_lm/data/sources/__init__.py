@@ -10,8 +10,11 @@ Importing this package registers every source; `validate_data` checks the option
 then the source's own.
 """
 
-from ...errors import check_choice, check_min, fail
+import os
+
+from ...errors import check_choice, check_min, check_range, check_writable_dir, fail
 from ..config import DataConfig
+from ..tokenizer import check_tokenizer
 from . import bundled, local, hub, shards  # noqa: F401, I001  (registration, in the order error messages list them)
 from .base import SOURCES, DataSource, TokenData, register, source_of
 from .documents import DocumentSource, tokenize_documents
@@ -24,11 +27,14 @@ def validate_data(data: DataConfig, max_seq_len: int) -> None:
     if data.seq_len > max_seq_len:
         fail("data.seq_len", data.seq_len,
              f"longer than the model's context model.max_seq_len={max_seq_len}; allowed: <= {max_seq_len}")
-    if not 0 < data.val_fraction < 1:
-        fail("data.val_fraction", data.val_fraction, "allowed: a fraction strictly between 0 and 1")
+    check_range("data.val_fraction", data.val_fraction, 0, 1, low_open=True, high_open=True)
+    check_tokenizer(data.tokenizer)
     if data.tokenizer == "bpe":
         check_min("data.vocab_size", data.vocab_size, 257)  # 256 bytes + the end-of-text token
     check_min("data.num_proc", data.num_proc, 1)
+    if data.cache_dir or os.environ.get("MHC_LM_CACHE"):
+        check_writable_dir("data.cache_dir" if data.cache_dir else "MHC_LM_CACHE",
+                           data.cache_dir or os.environ["MHC_LM_CACHE"])
     SOURCES[data.source].validate(data)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ...errors import check_choice, fail
 from ..config import FILE_FORMATS, DataConfig, expand_files, file_format
 from ..documents import local_split
@@ -28,9 +30,33 @@ class LocalSource(DocumentSource):
                 if fmt not in FILE_FORMATS:
                     fail(f"data.{option}", path, f"unknown file type; allowed: .txt, .jsonl, .json, .parquet "
                                                  f"(or set data.format to one of {', '.join(FILE_FORMATS)})")
+                if is_blank(path):
+                    fail(f"data.{option}", path, "the file is empty (no document in it); allowed: files with text")
+        check_split(cfg)
 
     def split(self, cfg: DataConfig):
         return local_split(cfg)
 
     def card_text(self, cfg: dict) -> str:
         return f"local files {cfg.get('files')} (validation: {cfg.get('val_files') or 'held-out documents'})"
+
+
+BLANK_CHECK_BYTES = 1 << 16
+
+
+def is_blank(path: str) -> bool:
+    """Empty, or (for a small file) only whitespace: no document to read. Large files are not read here."""
+    size = os.path.getsize(path)
+    if size > BLANK_CHECK_BYTES:
+        return False
+    with open(path, "rb") as f:
+        return not f.read().strip()
+
+
+def check_split(cfg: DataConfig) -> None:
+    """Something is left to train on once the validation files are set apart."""
+    val = set(expand_files(cfg.val_files))
+    train = [p for p in expand_files(cfg.files) if p not in val]
+    if not train:
+        fail("data.files", list(cfg.files), "every file is also in data.val_files, none is left to train on; "
+                                            "allowed: training files apart from the validation files")
