@@ -135,9 +135,7 @@ def test_pushing_while_the_hub_is_unreachable_is_one_line_and_exit_2(tiny_run):
                             cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --repo='alice/x': the Hub at http://127.0.0.1:9 is unreachable")
-    assert result.stderr.strip().splitlines()[-1].startswith("error: model.vocab_size=100: smaller than")  # after
-    # the tokenizer's progress bars, one line, no traceback
-    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def has_submitit_launcher() -> bool:
