@@ -8,8 +8,9 @@
 Reads top to bottom: validate the config and find every model before any work, then for each model:
 load it, tokenize the split with the model's own tokenizer, the loss / perplexity / bits per byte on
 a fixed token budget, the lm-evaluation-harness tasks, sample generations and their speed. Finally one
-table (results.md, results.csv), samples.md and a plot of loss against tokens seen in the output
-directory (evals/<run_name>/).
+table (results.md, results.csv; a row per model with its run and residual variant), samples.md and a plot
+of loss against tokens seen in the output directory (evals/<run_name>/). A whole sweep's training
+metrics, over seeds, are `python -m mhc_lm.compare runs/sweeps/<name>`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mhc_lm.config import EvalConfig, register_configs, validate_eval
 from mhc_lm.cli import reported, run
-from mhc_lm.console import quiet_libraries
+from mhc_lm.console import console_to_log, quiet_libraries
 from mhc_lm.errors import ConfigError
 
 register_configs()
@@ -93,8 +94,9 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> list[dict]:
         check_context(cfg.data.seq_len, source.label, model.config.max_position_embeddings)
         model.to(accelerator.device)
         data = prepare_data(dataclasses.replace(cfg.data, tokenizer=tokenizer.name_or_path))
-        row = {"model": source.label, "kind": source.kind, "step": source.step, "tokens_seen": source.tokens_seen,
-               "params": sum(p.numel() for p in model.parameters())}
+        row = {"model": source.label, "run": source.run_dir.name if source.run_dir is not None else None,
+               "residual": residual_name(model), "kind": source.kind, "step": source.step,
+               "tokens_seen": source.tokens_seen, "params": sum(p.numel() for p in model.parameters())}
 
         # 3. Loss, perplexity and bits per byte on a fixed token budget.
         row.update(split_loss(model, tokenizer, getattr(data, cfg.split), cfg.data.seq_len, cfg.batch_size,
@@ -122,11 +124,17 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> list[dict]:
         md, csv_path = write_table(rows, out_dir)
         (out_dir / "results.json").write_text(json.dumps(rows, indent=2))
         write_samples(samples, out_dir)
-        plot = plot_loss_vs_tokens(rows, sources, out_dir)
+        plot = plot_loss_vs_tokens(rows, sources, out_dir, cfg.max_tokens)
         print("\n" + markdown_table(rows))
         print(f"results: {md}, {csv_path}" + (f" | plot: {plot}" if plot else "") + f" | samples: {out_dir / 'samples.md'}")
     accelerator.end_training()
     return rows
+
+
+def residual_name(model) -> str | None:
+    """The residual variant of an mhc-lm model (its config's `residual`), None for other models."""
+    residual = getattr(model.config, "residual", None)
+    return residual.get("name") if isinstance(residual, dict) else None
 
 
 def write_samples(samples: list[dict], out_dir: Path) -> None:
@@ -143,7 +151,7 @@ def write_samples(samples: list[dict], out_dir: Path) -> None:
 def main(dict_cfg: DictConfig) -> None:
     cfg: EvalConfig = OmegaConf.to_object(dict_cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    with reported():
+    with console_to_log(), reported(out_dir):
         evaluate(cfg, out_dir)
 
 

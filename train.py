@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mhc_lm.checkpoint import load_checkpoint, save_checkpoint
 from mhc_lm.cli import reported, run
 from mhc_lm.config import TrainConfig, register_configs, validate
-from mhc_lm.console import quiet_libraries
+from mhc_lm.console import console_to_log, quiet_libraries
 from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
 from mhc_lm.diagnostics import log_diagnostics, probe_batch
 from mhc_lm.distributed import Preemption, engine_name, parameter_count, report_stop, strip_local_rank_flag
@@ -275,7 +275,7 @@ def finish(run: Run, state: TrainState, val_loss: float) -> float:
 def main(dict_cfg: DictConfig) -> float:
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with reported():
+    with console_to_log(), reported(run_dir):  # the error line goes to train.log too; the dir, if empty, not
         return train(cfg, run_dir)
 
 

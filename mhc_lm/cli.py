@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import ConfigError, MhcError, check_writable_dir
+from .errors import EXIT_BAD_INPUT, ConfigError, MhcError, check_writable_dir
 
 
 def one_line(text: str) -> str:
@@ -31,13 +31,32 @@ def report(err: MhcError) -> None:
 
 
 @contextlib.contextmanager
-def reported() -> Iterator[None]:
-    """Exit with the error's code and its one line on stderr when an `MhcError` escapes."""
+def reported(output_dir: Optional[Path] = None) -> Iterator[None]:
+    """Exit with the error's code and its one line on stderr when an `MhcError` escapes.
+
+    `output_dir`: the run (or eval) directory Hydra made for this job. Bad input found inside the job
+    (exit 2) removes it when it holds nothing but what Hydra put there, so a refused command leaves
+    nothing behind; a directory with anything else (a checkpoint being resumed) is kept."""
     try:
         yield
     except MhcError as err:
         report(err)
+        if output_dir is not None and err.exit_code == EXIT_BAD_INPUT:
+            remove_if_only_hydra(Path(output_dir))
         sys.exit(err.exit_code)
+
+
+HYDRA_LEFTOVERS = (".hydra",)  # with the job's log files (*.log), what Hydra writes before the task runs
+
+
+def remove_if_only_hydra(path: Path) -> bool:
+    """Delete `path` if it holds only Hydra's own files; True if it was deleted."""
+    import shutil
+
+    if not path.is_dir() or any(p.name not in HYDRA_LEFTOVERS and p.suffix != ".log" for p in path.iterdir()):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return True
 
 
 def run(hydra_main: Callable[[], Any], config_name: str, check: Optional[Callable[[Any], None]] = None,

@@ -159,6 +159,13 @@ def register_configs() -> None:
     if not OmegaConf.has_resolver("rank_zero_or"):
         OmegaConf.register_new_resolver(
             "rank_zero_or", lambda value, other: value if int(os.environ.get("RANK", "0")) == 0 else other)
+    if not OmegaConf.has_resolver("group_options"):  # `${group_options:data}`: "bundled, hub, ..." for --help
+        OmegaConf.register_new_resolver("group_options", group_options)
+
+
+def group_options(group: str) -> str:
+    """The options of a config group, as --help lists them: the YAML files of conf/<group>/."""
+    return ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the checkout's config tree (installed editable)

@@ -57,3 +57,61 @@ def quiet_lm_eval():
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
             logger.removeFilter(drop)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's log file
+
+
+class _Tee:
+    """A console stream that also writes into the log file, without progress-bar redraws (writes that
+    carry a carriage return, and the newline that closes a bar)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.redrawing = stream, log, False
+
+    def write(self, text: str) -> int:
+        written = self.stream.write(text)
+        if "\r" in text or (self.redrawing and text == "\n"):
+            self.redrawing = "\r" in text
+        else:
+            self.redrawing = False
+            self.log.write(text)
+            self.log.flush()
+        return written
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, fileno, ...: the console's
+        return getattr(self.stream, name)
+
+
+def job_log_file() -> str | None:
+    """The log file Hydra's job logging writes (RUN/train.log, EVAL/eval.log); None where there is none
+    (ranks other than 0 log to /dev/null)."""
+    for handler in logging.getLogger().handlers:
+        name = getattr(handler, "baseFilename", None)
+        if isinstance(handler, logging.FileHandler) and name and name != os.devnull:
+            return name
+    return None
+
+
+@contextlib.contextmanager
+def console_to_log(path: str | None = None):
+    """Copy what the console shows (stdout, stderr, progress bars' final lines excluded) into Hydra's job
+    log file, next to the records Hydra's logging writes there: RUN/train.log then holds the run's log."""
+    import sys
+
+    path = path or job_log_file()
+    if path is None:
+        yield
+        return
+    with open(path, "a") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(out, log), _Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err

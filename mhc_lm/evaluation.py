@@ -4,7 +4,8 @@
   split (whole blocks of seq_len), through `metrics.evaluate_loss` on `data.eval_batches`.
 - `run_lm_eval`: lm-evaluation-harness tasks on the loaded model (its HFLM wrapper), when installed.
 - `sample_generations`: prompts continued with `generate` (KV cache), and the decoding speed.
-- `write_table`, `plot_loss_vs_tokens`: every model in one Markdown/CSV table and one plot.
+- `write_table` (through `tables`), `plot_loss_vs_tokens`: every model in one Markdown/CSV table and one plot (eval.py's loss
+  and train.py's validation loss in separate panels: their token budgets differ).
 
 Bits per byte. The targets of the evaluated blocks are one contiguous run of the token stream
 (blocks overlap by one token), so their text is decoded once: bytes = the UTF-8 length of
@@ -15,7 +16,6 @@ models with different tokenizers compare on the same text.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from .console import quiet_lm_eval
 from .data import eval_batches, num_blocks
 from .metrics import evaluate_loss, perplexity
 from .run_dir import RunDir
+from .tables import markdown_table, write_csv
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,96 +142,68 @@ def sample_generations(model, tokenizer, prompts: list[str], max_new_tokens: int
 # Reports
 
 
-def format_cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-def table_columns(rows: list[dict]) -> list[str]:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    return columns
-
-
-def markdown_table(rows: list[dict]) -> str:
-    columns = table_columns(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def write_table(rows: list[dict], out_dir: Path) -> tuple[Path, Path]:
     """results.md and results.csv, one row per model, in the same columns."""
     md, csv_path = out_dir / "results.md", out_dir / "results.csv"
     md.write_text(markdown_table(rows))
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=table_columns(rows))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, csv_path)
     return md, csv_path
 
 
 def training_curve(run_dir: Path) -> tuple[list[float], list[float]]:
-    """(tokens seen, validation loss) as logged by train.py in RUN/metrics.jsonl. Tokens are logged with
-    the training metrics (every log_every steps); at other steps they are interpolated from (0, 0)."""
-    import json
+    """(tokens seen, validation loss) as logged by train.py in RUN/metrics.jsonl (`compare.read_run`: tokens
+    are logged with the training metrics, every log_every steps, and interpolated from (0, 0) between)."""
+    from .compare import read_run
 
-    path = RunDir(run_dir).metrics
-    if not path.exists():
+    if not RunDir(run_dir).metrics.exists():
         return [], []
-    known, curve = {0: 0}, []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if "train/tokens_seen" in record:
-            known[record["step"]] = record["train/tokens_seen"]
-        if "val/loss" in record:
-            curve.append((record["step"], record["val/loss"]))
-    if len(known) < 2 or not curve:
-        return [], []
-    steps = sorted(known)
-    tokens = np.interp([s for s, _ in curve], steps, [known[s] for s in steps])
-    return tokens.tolist(), [loss for _, loss in curve]
+    curve = read_run(run_dir).curve
+    return [t for t, _ in curve], [loss for _, loss in curve]
 
 
-def plot_loss_vs_tokens(rows: list[dict], sources, out_dir: Path) -> Path | None:
-    """One figure: per run, the loss eval.py measured at each checkpoint (markers) and the validation loss
-    train.py logged (dashed). Models without a token count are left out; None if nothing has one."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_loss_vs_tokens(rows: list[dict], sources, out_dir: Path, max_tokens: int | None = None) -> Path | None:
+    """Loss against tokens seen, one color per run, in two panels because the budgets differ: left, the
+    loss eval.py measured at each checkpoint (its max_tokens); right, the validation loss train.py logged
+    (the run's trainer.eval_batches x batch_size x data.seq_len). Models without a token count are left
+    out; None if nothing has one."""
+    from .compare import _axes, run_identity
 
     runs: dict[str, list[tuple[int, float]]] = {}
-    run_dirs = {}
+    run_dirs, budgets = {}, set()
     for row, source in zip(rows, sources):
         if source.tokens_seen is None:
             continue
         key = source.run_dir.name if source.run_dir is not None else source.label
+        if row.get("residual"):
+            key += f" ({row['residual']})"
         runs.setdefault(key, []).append((source.tokens_seen, row["loss"]))
         run_dirs[key] = source.run_dir
+        budgets.add(row.get("eval_tokens"))
     if not runs:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    figure, (measured, logged) = _axes(2)
+    train_budgets = set()
     for i, (name, points) in enumerate(sorted(runs.items())):
         color = f"C{i % 10}"
         points.sort()
-        ax.plot([t for t, _ in points], [v for _, v in points], "o-", color=color, label=f"{name} (eval.py)")
+        measured.plot([t for t, _ in points], [v for _, v in points], "o-", color=color, label=name)
         if run_dirs[name] is not None:
             tokens, losses = training_curve(run_dirs[name])
             if tokens:
-                ax.plot(tokens, losses, "x--", color=color, alpha=0.6, label=f"{name} (val loss in training)")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+                logged.plot(tokens, losses, "x--", color=color, label=name)
+                train_budgets.add(run_identity(run_dirs[name])[2])
+    said = ", ".join(f"{b:,}" for b in sorted(b for b in budgets if b)) or f"{max_tokens or '?'}"
+    measured.set_title(f"eval.py: loss on the first {said} tokens of the split", fontsize=9)
+    train_said = ", ".join(f"{b:,}" for b in sorted(b for b in train_budgets if b)) or "unknown"
+    logged.set_title(f"train.py: validation loss on its first {train_said} tokens\n"
+                     "(another sample of the split: not comparable with the left panel)", fontsize=9)
+    for ax in (measured, logged):
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    figure.tight_layout()
     path = out_dir / "loss_vs_tokens.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figure.savefig(path)
     return path

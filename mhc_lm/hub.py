@@ -39,6 +39,20 @@ WRITE_ROLES = ("admin", "write", "contributor")  # roles in an organization that
 # Access
 
 
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP client raises when the Hub cannot be reached (no route, refused, timed out):
+    OSError (requests), and the transport errors of httpx / httpx2, whichever the installed hub uses."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for client in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(client).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
 def check_push_access(repo: str, option: str = "--repo") -> str:
     """Raise ConfigError unless a token can write to `repo` (or create it); return the account name."""
     from huggingface_hub import HfApi, get_token
@@ -54,6 +68,9 @@ def check_push_access(repo: str, option: str = "--repo") -> str:
     except OfflineModeIsEnabled:
         raise ConfigError(f"{option}={repo!r}: HF_HUB_OFFLINE is set, so nothing can be pushed; allowed: "
                           "unset HF_HUB_OFFLINE") from None
+    except network_errors() as err:
+        raise ConfigError(f"{option}={repo!r}: the Hub at {api.endpoint} is unreachable ({type(err).__name__}: "
+                          f"{err}); allowed: a network that reaches the Hub (or HF_ENDPOINT), or no push") from None
     except HfHubHTTPError as err:
         raise ConfigError(f"{option}={repo!r}: the Hub refused the token ({err}); allowed: a valid token "
                           "with write access (hf auth login)") from None

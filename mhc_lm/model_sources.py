@@ -38,6 +38,7 @@ class ModelSource:
     step: Optional[int] = None
     tokens_seen: Optional[int] = None
     kind: ClassVar[str] = ""
+    report_prefix: ClassVar[str] = ""  # RUN/diagnostics/<prefix><folder name>: apart from the training probe's step_N
 
     def load(self, trust_remote_code: bool = False):
         """(model in eval mode, tokenizer) on the CPU, with `from_pretrained`."""
@@ -63,7 +64,11 @@ class ModelSource:
         return Path(self.location)
 
     def diagnostics_dir(self) -> Path:
-        """Where `python -m mhc_lm.diagnostics` writes by default: beside the model."""
+        """Where `python -m mhc_lm.diagnostics` writes by default: under the run's diagnostics/ when the model
+        belongs to a run (RUN/diagnostics/export, RUN/diagnostics/checkpoint_step_N: never inside the export
+        or checkpoint that gets pushed), else beside the model (FOLDER/diagnostics)."""
+        if self.run_dir is not None:
+            return RunDir(self.run_dir).diagnostics / f"{self.report_prefix}{Path(self.location).name}"
         return Path(self.location) / "diagnostics"
 
 
@@ -77,6 +82,7 @@ class CheckpointSource(ModelSource):
     """A training checkpoint `RUN/checkpoints/step_N/`."""
 
     kind = "checkpoint"
+    report_prefix = "checkpoint_"
 
     def load(self, trust_remote_code: bool = False):
         return load_model_from_checkpoint(self.location)

@@ -79,6 +79,17 @@ def plot_gain_vs_depth(report: dict[str, Any], path: Path) -> Figure:
     return figure
 
 
+def h_res_mosaic(report: dict[str, Any], cols: int) -> np.ndarray:
+    """The token-mean H_res of every sublayer as n x n tiles, `cols` per row, NaN gutters between them."""
+    subs, n = report["sublayers"], report["n"]
+    rows, pitch = math.ceil(len(subs) / cols), n + 1  # a tile and its gutter
+    mosaic = np.full((rows * pitch - 1, cols * pitch - 1), np.nan)
+    for k, sub in enumerate(subs):
+        r, c = divmod(k, cols)
+        mosaic[r * pitch: r * pitch + n, c * pitch: c * pitch + n] = sub["h_res_mean"]
+    return mosaic
+
+
 def plot_h_res_heatmaps(report: dict[str, Any], path: Path) -> Figure:
     """The token-mean H_res of every sublayer (row i: what new stream i reads), as tiles of one image.
 
@@ -89,10 +100,7 @@ def plot_h_res_heatmaps(report: dict[str, Any], path: Path) -> Figure:
     cols = min(8, len(subs))
     rows = math.ceil(len(subs) / cols)
     pitch = n + 1  # a tile and its gutter
-    mosaic = np.full((rows * pitch - 1, cols * pitch - 1), np.nan)
-    for k, sub in enumerate(subs):
-        r, c = divmod(k, cols)
-        mosaic[r * pitch: r * pitch + n, c * pitch: c * pitch + n] = sub["h_res_mean"]
+    mosaic = h_res_mosaic(report, cols)
     largest = float(np.nanmax(np.abs(mosaic)))
     negative = bool(np.nanmin(mosaic) < 0)
     figure = _figure(1.3 * cols + 1.5, 1.3 * rows + 0.8, top=0.6, bottom=0.1, left=0.1, right=0.1)

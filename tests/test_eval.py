@@ -131,13 +131,14 @@ def test_one_table_one_plot_and_samples_for_all_models(eval_run):
     assert [r["tokens_seen"] for r in rows] == ["512", "1024", "1024"]  # 4 sequences x 32 tokens per step
     assert float(rows[1]["loss"]) < float(rows[0]["loss"])
     markdown = (out / "results.md").read_text().splitlines()
-    assert markdown[0].startswith("| model | kind | step | tokens_seen |") and len(markdown) == 2 + len(rows)
-    assert "| tiny/step_000004 | checkpoint | 4 | 512 |" in markdown[2]
+    assert markdown[0].startswith("| model | run | residual | kind | step | tokens_seen |")
+    assert len(markdown) == 2 + len(rows)
+    assert "| tiny/step_000004 | tiny | mhc | checkpoint | 4 | 512 |" in markdown[2]
     assert (out / "loss_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2 * len(rows) and all(0 < s["new_tokens"] <= 8 and s["tokens_per_s"] > 0 for s in samples)
     assert all(float(r["gen_tokens_per_s"]) > 0 for r in rows)
-    assert "results: " in result.stdout and "| tiny/export | export | 8 | 1,024 |" in result.stdout
+    assert "results: " in result.stdout and "| tiny/export | tiny | mhc | export | 8 | 1,024 |" in result.stdout
 
 
 def test_the_console_shows_results_not_library_noise(eval_run):

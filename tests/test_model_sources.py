@@ -45,7 +45,8 @@ def test_context_and_report_folder_come_from_the_kind(tmp_path):
     (ckpt,) = resolve_sources(str(run / "checkpoints" / "step_000002"))
     (hub,) = resolve_sources("someone/model")
     assert (export.context(), ckpt.context(), hub.context()) == (48, 32, None)
-    assert export.diagnostics_dir() == run / "export" / "diagnostics"
+    assert export.diagnostics_dir() == run / "diagnostics" / "export"  # not inside the export that gets pushed
+    assert ckpt.diagnostics_dir() == run / "diagnostics" / "checkpoint_step_000002"
     assert hub.diagnostics_dir().as_posix() == "diagnostics/someone--model"
 
 

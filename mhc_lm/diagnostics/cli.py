@@ -1,7 +1,7 @@
 """The command line: the diagnostics report of a checkpoint, a run, an export or a Hub model.
 
-    python -m mhc_lm.diagnostics runs/<run>/checkpoints/step_000600 [--out DIR]
-    python -m mhc_lm.diagnostics runs/<run>/export
+    python -m mhc_lm.diagnostics runs/<run>/checkpoints/step_000600 [--out DIR]   # RUN/diagnostics/checkpoint_step_000600
+    python -m mhc_lm.diagnostics runs/<run>                                       # RUN/diagnostics/export
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..checkpoint import run_data_config, run_hydra_config
 from ..data import DataConfig, prepare_data
 from ..errors import ConfigError
 from ..model_sources import load_source, resolve_sources
+from ..run_dir import RunDir
 from .probe import DiagnosticsReport, probe_batch, run_diagnostics
 
 DESCRIPTION = "Diagnostics of the residual mixing: gains, spectra, constraint health, streams, gradients."
@@ -27,7 +28,7 @@ def diagnose_source(spec: str, out: Optional[Path] = None, batch_size: Optional[
                     seq_len: Optional[int] = None, data: str = "run", device: str = "cpu",
                     trust_remote_code: bool = False) -> tuple[DiagnosticsReport, Path]:
     """The report of a checkpoint, a run (its export, else its newest checkpoint), an export or a Hub id,
-    written to `out` (default: the model's folder/diagnostics); ConfigError on a bad name or option.
+    written to `out` (default: `source.diagnostics_dir()`); ConfigError on a bad name or option.
 
     The probe is the training run's own where the run is known: its data config (RUN/.hydra/config.yaml,
     data="run") in the model's tokenizer, its data.seq_len and logger.diag_batch_size; else the bundled
@@ -61,7 +62,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mhc_lm.diagnostics", description=DESCRIPTION)
     parser.add_argument("path", help="RUN/checkpoints/step_N, a run directory, RUN/export or a Hub id")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default: the model's folder/diagnostics)")
+                        help="output directory (default: under the run's diagnostics/, never inside the export)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="probe sequences (default: the run's logger.diag_batch_size, else 4)")
     parser.add_argument("--seq-len", type=int, default=None,

@@ -1,0 +1,120 @@
+"""The sweep report (mhc_lm.compare) on fake run directories whose metrics are known numbers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mhc_lm.compare import compare, find_runs, main, read_run, summarize
+from mhc_lm.errors import ConfigError
+
+# (variant, seed) -> (final val loss, tokens/s at the logged steps after the first, final composite fwd gain)
+RUNS = {
+    ("residual", 0): (4.00, [1000.0, 1100.0, 1200.0], 1.0),
+    ("residual", 1): (4.20, [900.0, 1000.0, 1100.0], 1.0),
+    ("hc", 0): (3.90, [500.0, 600.0, 700.0], 3000.0),
+    ("hc", 1): (3.95, [600.0, 700.0, 800.0], 1000.0),
+    ("hc", 2): (3.85, [400.0, 500.0, 600.0], 2000.0),
+    ("mhc", 0): (4.10, [250.0, 300.0, 350.0], 1.5),
+}
+
+
+def fake_run(root: Path, variant: str, seed: int, val_loss: float, speeds: list[float], gain: float,
+             eval_batches: int = 8, activation: float | None = None) -> Path:
+    """A run directory as train.py leaves it: .hydra/config.yaml and metrics.jsonl (4 logged steps, 100
+    tokens each; validation at 2 and 4; probes at 2 and 4, the peak gain at step 2)."""
+    run = root / f"{variant}-s{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    config = {"residual": {"name": variant, "n": 4}, "trainer": {"seed": seed, "eval_batches": eval_batches,
+                                                                  "batch_size": 16}, "data": {"seq_len": 128}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    records = [{"step": 1, "train/tokens_per_s": 1.0, "train/tokens_seen": 100}]  # warm-up: left out
+    for step, speed in zip((2, 3, 4), speeds):
+        records.append({"step": step, "train/tokens_per_s": speed, "train/tokens_seen": 100 * step})
+    records.insert(2, {"step": 2, "val/loss": val_loss + 1.0})
+    records.insert(3, {"step": 2, "diag/summary/comp_gain_fwd_max": 2 * gain, "diag/summary/comp_gain_bwd_max": 7.0})
+    records += [{"step": 4, "val/loss": val_loss}, {"step": 4, "diag/summary/comp_gain_fwd_max": gain,
+                                                    "diag/summary/comp_gain_bwd_max": gain / 2},
+                {"step": 4, "final/val_loss": val_loss}]
+    if activation is not None:
+        records.append({"step": 4, "memory/activation_bytes": activation})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "checkpoints" / "step_000004").mkdir(parents=True)  # never taken for a run
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "sweeps" / "test"
+    for (variant, seed), (loss, speeds, gain) in RUNS.items():
+        fake_run(root, variant, seed, loss, speeds, gain)
+    return root
+
+
+def test_a_run_reads_its_final_loss_median_speed_gains_and_curve(sweep):
+    run = read_run(sweep / "hc-s1")
+    assert (run.variant, run.seed, run.val_tokens) == ("hc", 1, 8 * 16 * 128)
+    assert run.val_loss == 3.95
+    assert run.tokens_per_s == 700.0  # median of 600, 700, 800: the warm-up step (1.0) is left out
+    assert (run.comp_gain_fwd, run.comp_gain_bwd, run.comp_gain_fwd_peak) == (1000.0, 500.0, 2000.0)
+    assert run.curve == [(200.0, 4.95), (400.0, 3.95)]
+    assert math.isnan(run.activation_bytes)
+
+
+def test_variants_get_mean_and_sample_spread_over_seeds(sweep):
+    rows = {r["residual"]: r for r in summarize(find_runs([sweep]))}
+    assert list(rows) == ["residual", "hc", "mhc"]  # the baseline first
+    hc = rows["hc"]
+    assert hc["runs"] == 3 and hc["seeds"] == "0 1 2"
+    assert hc["val_loss_mean"] == pytest.approx(3.90)
+    assert hc["val_loss_std"] == pytest.approx(statistics.stdev([3.90, 3.95, 3.85]))  # 0.05
+    assert hc["tokens_per_s_mean"] == pytest.approx(600.0) and hc["tokens_per_s_std"] == pytest.approx(100.0)
+    assert hc["comp_gain_fwd_mean"] == pytest.approx(2000.0) and hc["comp_gain_fwd_peak_mean"] == pytest.approx(4000)
+    base = rows["residual"]
+    assert base["val_loss_mean"] == pytest.approx(4.10) and base["val_loss_std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert base["tokens_per_s_mean"] == pytest.approx(1050.0)
+    assert hc["tokens_per_s_vs_residual"] == pytest.approx(600 / 1050)
+    assert rows["mhc"]["tokens_per_s_vs_residual"] == pytest.approx(300 / 1050)
+    assert math.isnan(rows["mhc"]["val_loss_std"])  # one seed: no spread
+    assert math.isnan(hc["activation_bytes_vs_residual"])  # not recorded: n/a
+
+
+def test_activation_bytes_relative_to_the_residual_when_recorded(tmp_path):
+    fake_run(tmp_path, "residual", 0, 4.0, [1.0, 1.0, 1.0], 1.0, activation=1000.0)
+    fake_run(tmp_path, "mhc", 0, 4.0, [1.0, 1.0, 1.0], 1.0, activation=2500.0)
+    rows = {r["residual"]: r for r in summarize(find_runs([tmp_path]))}
+    assert rows["mhc"]["activation_bytes_vs_residual"] == pytest.approx(2.5)
+
+
+def test_the_report_files_hold_the_same_numbers(sweep, tmp_path):
+    rows, files = compare([sweep], tmp_path / "out")
+    assert set(files) == {"summary.md", "summary.csv", "runs.md", "runs.csv", "loss_vs_tokens.png", "gains_vs_step.png"}
+    table = {r["residual"]: r for r in csv.DictReader(open(files["summary.csv"]))}
+    assert float(table["hc"]["val_loss_mean"]) == pytest.approx(3.90)
+    markdown = files["summary.md"].read_text()
+    assert "| hc | 3 (0 1 2) | 3.9000 ± 0.0500 | 600 ± 100 | 0.57x | n/a | 2,000 ± 1,000 |" in markdown
+    assert "first 16,384 validation tokens" in markdown
+    runs = list(csv.DictReader(open(files["runs.csv"])))
+    assert [r["run"] for r in runs] == sorted(f"{v}-s{s}" for v, s in RUNS)
+    assert all(files[p].read_bytes()[:4] == b"\x89PNG" for p in ("loss_vs_tokens.png", "gains_vs_step.png"))
+
+
+def test_runs_on_different_validation_budgets_are_refused(tmp_path):
+    fake_run(tmp_path, "residual", 0, 4.0, [1.0, 1.0, 1.0], 1.0, eval_batches=8)
+    fake_run(tmp_path, "mhc", 0, 4.0, [1.0, 1.0, 1.0], 1.0, eval_batches=2)
+    with pytest.raises(ConfigError, match="different token budgets"):
+        compare([tmp_path], tmp_path / "out")
+
+
+def test_the_command_line_writes_beside_the_sweep_and_refuses_an_empty_folder(sweep, tmp_path, capsys):
+    assert main([str(sweep)]) == 0
+    assert (sweep / "compare" / "summary.md").exists() and "6 runs, 3 variants" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no run in it" in capsys.readouterr().err
