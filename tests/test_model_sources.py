@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from mhc_lm.checkpoint import write_manifest
 from mhc_lm.errors import ConfigError
 from mhc_lm.model_sources import CheckpointSource, ExportSource, HubSource, resolve_sources
 
@@ -19,6 +20,7 @@ def fake_run(root):
         (ckpt / "run_config.json").write_text(json.dumps({"model": {"max_seq_len": 32}, "residual": {}}))
         (ckpt / "config.json").write_text(json.dumps({"max_position_embeddings": 32}))
         (ckpt / "model.safetensors").write_bytes(b"")
+        write_manifest(ckpt)
     export = root / "export"
     export.mkdir()
     (export / "config.json").write_text(json.dumps({"max_position_embeddings": 48}))
