@@ -174,7 +174,7 @@ WORSE_THAN_PYTORCH = 2.0  # above the tolerance, a kernel may still be at most t
 def pytorch_ops() -> dict[str, Callable]:
     """The PyTorch path of each kernel (what `residual.kernel=torch` runs), with the kernels' signatures."""
     from mhc_lm.kernels.selfcheck import coefficients_fp64
-    from mhc_lm.residual.base import collapse_streams, write_streams
+    from mhc_lm.residual.base import read_streams, write_streams
     from mhc_lm.residual.sinkhorn import sinkhorn
 
     def torch_sinkhorn(logits, iters, eps):
@@ -183,7 +183,7 @@ def pytorch_ops() -> dict[str, Callable]:
     def torch_coefficients(mixes, r, scale, base, n, iters, eps, hc_eps):
         return coefficients_fp64(mixes, r, scale, base, n, iters, eps, hc_eps, project=torch_sinkhorn)
 
-    return dict(sinkhorn=torch_sinkhorn, mhc_coefficients=torch_coefficients, collapse_streams=collapse_streams,
+    return dict(sinkhorn=torch_sinkhorn, mhc_coefficients=torch_coefficients, read_streams=read_streams,
                 write_streams=write_streams)
 
 

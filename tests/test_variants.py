@@ -169,13 +169,17 @@ def test_cayley_variants_match_the_hand_computed_2x2_rotation(name):
 @pytest.mark.parametrize("name", CAYLEY)
 @pytest.mark.parametrize("n", [2, 3, 4, 8])
 def test_cayley_variants_start_at_the_identity(name, n):
-    """Zero logits are Q = I exactly; the default init (fn_init_std 0.02, scale 0.01) stays within 1e-2 of it."""
+    """Zero logits are Q = I exactly; the default init (fn_init_std 0.02, scale 0.01) stays within 2e-2 of it.
+
+    With RMS-normed inputs over n * 8 features a logit has std 0.01 * 0.02 * sqrt(8n) (0.0016 at n = 8) and Q's
+    off-diagonal entries about twice that, so 2e-2 is about six standard deviations."""
+    torch.manual_seed(0)
     mixer = make_mixer(name, 8, n, 0)
     eye = torch.eye(n, dtype=torch.float64)
     assert torch.equal(mixer.project(torch.zeros(3, n * (n - 1) // 2, dtype=torch.float64)), eye.expand(3, n, n))
     assert torch.equal(mixer.base[2 * n:], torch.zeros(n * (n - 1) // 2))
     _, _, h_res = mixer.coefficients(torch.randn(2, 5, n, 8))
-    assert (h_res - eye.float()).abs().max() < 1e-2
+    assert (h_res - eye.float()).abs().max() < 2e-2
     _, _, h_res = make_mixer(name, 8, n, 0, fn_init_std=0.0).coefficients(torch.randn(2, 5, n, 8) * 50)
     assert torch.equal(h_res, torch.eye(n).expand_as(h_res))
 
