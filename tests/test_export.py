@@ -76,8 +76,8 @@ def test_export_loads_with_trust_remote_code_without_mhc_lm(tiny_run, tmp_path):
     package = copy_package(tmp_path, {"residual/zz_probe.py": PROBE_MODULE})
     written = bundle_modeling_code(export, "MhcConfig", "MhcForCausalLM", package_dir=package)
     residual_modules = {p.stem for p in (PACKAGE / "residual").glob("*.py")} - {"__init__"}
-    assert {p.name for p in written} == {"modeling_mhc.py", "residual.py", "residual_zz_probe.py",
-                                         *(f"residual_{m}.py" for m in residual_modules)}
+    assert {p.name for p in written} == {"modeling_mhc.py", "residual.py", "residual_zz_probe.py", "errors.py",
+                                         *(f"residual_{m}.py" for m in residual_modules)}  # errors: the leaf
     assert "raise ImportError" in (export / "residual_zz_probe.py").read_text()
     config = json.loads((export / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mhc.MhcForCausalLM"
