@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ConfigError
-from .run_dir import RunDir
+from .run_dir import REPORT_FORMAT, REPORT_VERSION, RunDir
 from .tables import markdown_table, write_csv
 
 BASELINE = "residual"
@@ -329,7 +329,13 @@ def plot_gains_vs_step(runs: list[RunRecord], path: Path) -> Optional[Path]:
 def last_report(run_dir: Path) -> Optional[dict]:
     """The run's newest probe report (RUN/diagnostics/step_N/diagnostics.json), None without one."""
     reports = [d / "diagnostics.json" for d in RunDir(run_dir).list_diagnostics() if (d / "diagnostics.json").exists()]
-    return json.loads(reports[-1].read_text()) if reports else None
+    if not reports:
+        return None
+    report = json.loads(reports[-1].read_text())
+    if (report.get("format"), report.get("version")) != (REPORT_FORMAT, REPORT_VERSION):
+        raise ConfigError(f"{reports[-1]}: a diagnostics report of format {report.get('format')!r} version "
+                          f"{report.get('version')!r}; allowed: {REPORT_FORMAT!r} version {REPORT_VERSION}")
+    return report
 
 
 def plot_h_res_side_by_side(runs: list[RunRecord], path: Path) -> Optional[Path]:

@@ -68,12 +68,12 @@ def check_push_access(repo: str, option: str = "--repo") -> str:
     except OfflineModeIsEnabled:
         raise ConfigError(f"{option}={repo!r}: HF_HUB_OFFLINE is set, so nothing can be pushed; allowed: "
                           "unset HF_HUB_OFFLINE") from None
+    except HfHubHTTPError as err:  # an answer (it is also an OSError: caught before the network errors)
+        raise ConfigError(f"{option}={repo!r}: the Hub refused the token ({err}); allowed: a valid token "
+                          "with write access (hf auth login)") from None
     except network_errors() as err:
         raise ConfigError(f"{option}={repo!r}: the Hub at {api.endpoint} is unreachable ({type(err).__name__}: "
                           f"{err}); allowed: a network that reaches the Hub (or HF_ENDPOINT), or no push") from None
-    except HfHubHTTPError as err:
-        raise ConfigError(f"{option}={repo!r}: the Hub refused the token ({err}); allowed: a valid token "
-                          "with write access (hf auth login)") from None
     role = (info.get("auth") or {}).get("accessToken", {}).get("role")
     if role == "read":
         raise ConfigError(f"{option}={repo!r}: the token of {info.get('name')} is read-only; allowed: a token "

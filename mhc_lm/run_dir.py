@@ -24,6 +24,8 @@ TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "run_config.json"
 MANIFEST = "manifest.json"
 PARTIAL_PREFIX = ".tmp-"
+REPORT_FORMAT = "mhc-lm-diagnostics"  # diagnostics.json: format and version, checked by its readers
+REPORT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 

@@ -118,3 +118,18 @@ def test_the_command_line_writes_beside_the_sweep_and_refuses_an_empty_folder(sw
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 2
     assert "no run in it" in capsys.readouterr().err
+
+
+def test_a_diagnostics_report_of_another_format_version_is_refused_in_one_line(tmp_path):
+    from mhc_lm.compare import last_report
+    from mhc_lm.run_dir import REPORT_FORMAT, REPORT_VERSION, RunDir
+
+    run = RunDir(tmp_path / "mhc-s0")
+    folder = run.diagnostics_at(4)
+    folder.mkdir(parents=True)
+    (folder / "diagnostics.json").write_text(json.dumps({"format": REPORT_FORMAT, "version": REPORT_VERSION, "step": 4}))
+    assert last_report(run.path)["step"] == 4
+    (folder / "diagnostics.json").write_text(json.dumps({"format": REPORT_FORMAT, "version": REPORT_VERSION + 1}))
+    with pytest.raises(ConfigError, match=r"step_000004/diagnostics.json: a diagnostics report of format "
+                                          r"'mhc-lm-diagnostics' version 2; allowed: 'mhc-lm-diagnostics' version 1"):
+        last_report(run.path)

@@ -26,7 +26,7 @@ from mhc_lm.hub import push
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "trainer_state.json", "modeling_mhc.py", "residual.py"}
+                "trainer_state.json", "modeling_mhc.py", "residual.py", "errors.py"}
 
 
 def http_error(status: int, error_code: str | None = None):

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data import eval_batches
 from ..residual import Mixer
-from ..run_dir import RunDir
+from ..run_dir import REPORT_FORMAT, REPORT_VERSION, RunDir
 from .stats import (NEGATIVE_ENTRY, composite_stats, composites, h_res_stats, logit_stats, range_stats,
                     stream_stats)
 
@@ -126,6 +126,8 @@ def run_diagnostics(model: nn.Module, input_ids: torch.Tensor, step: Optional[in
     negative = any(s["min_entry"] < NEGATIVE_ENTRY for s in sublayers)
     summary = {key: pick(s[key] for s in sublayers) for key, pick in SUMMARY.items() if key in sublayers[0]}
     report = {
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
         "step": step,
         "variant": probes[0].variant,
         "n": int(probes[0].h_res.shape[-1]),
