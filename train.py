@@ -36,7 +36,9 @@ from mhc_lm.config import TrainConfig, register_configs, validate
 from mhc_lm.console import console_to_log, quiet_libraries
 from mhc_lm.data import eval_batches, make_train_loader, prepare_data, state_for_rank, unigram_loss
 from mhc_lm.diagnostics import log_diagnostics, probe_batch
-from mhc_lm.distributed import Preemption, engine_name, parameter_count, report_stop, strip_local_rank_flag
+from mhc_lm.activations import activation_bytes
+from mhc_lm.distributed import (Preemption, engine_name, engine_shards_parameters, parameter_count, report_stop,
+                                strip_local_rank_flag)
 from mhc_lm.errors import ConfigError
 from mhc_lm.export import check_bundle, export_model
 from mhc_lm.hub import check_push_access, push
@@ -72,6 +74,7 @@ class Run:
     unigram: float
     step_flops: float
     preemption: Preemption
+    peak_flops: Optional[float] = None  # the device's peak, looked up once (None: unknown, no MFU)
     progress: Any = None
 
     @property
@@ -119,8 +122,23 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
               run_config(cfg), unigram_loss(data.unigram_sample, data.validation, data.vocab_size), 0.0,
               preemption)
     run.step_flops = flops_per_token(model_config, cfg.data.seq_len) * run.tokens_per_step
+    run.peak_flops = peak_flops(accelerator.device)
     announce(run, precision)
     return run
+
+
+def measure_activations(run: Run, step: int) -> None:
+    """The bytes per token one training forward keeps for backward (mhc_lm.activations, one sequence of
+    the validation stream, the run's precision and recompute policy), logged as memory/token_activation_bytes
+    for compare's activation column. Rank 0 only, on the unwrapped model; skipped where the parameters are
+    sharded (FSDP, ZeRO-3), since a forward on one rank would wait for the others' shards."""
+    if not run.is_main or engine_shards_parameters(run.accelerator):
+        return
+    model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
+    sequence = probe_batch(run.data.validation, run.cfg.data.seq_len, 1).clone().to(run.accelerator.device)
+    with run.accelerator.autocast():
+        kept = activation_bytes(model, sequence)
+    run.tracker.log({"memory/token_activation_bytes": kept / sequence.numel()}, step)
 
 
 def model_vocab_size(cfg: TrainConfig, tokenizer_vocab: int) -> int:
@@ -159,9 +177,8 @@ def log_step(run: Run, state: TrainState, result: StepResult, lr: float, seconds
         metrics.update({"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                         "train/tokens_per_s": result.tokens / seconds, "train/step_time_s": seconds,
                         "train/tokens_seen": state.tokens_seen})
-        peak = peak_flops(run.accelerator.device)
-        if peak:
-            metrics["train/mfu"] = run.step_flops / seconds / (peak * run.accelerator.num_processes)
+        if run.peak_flops:
+            metrics["train/mfu"] = run.step_flops / seconds / (run.peak_flops * run.accelerator.num_processes)
         run.progress.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{result.tokens / seconds:,.0f}")
     if metrics:
         run.tracker.log(metrics, state.step)
@@ -215,6 +232,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> float:
     state = resume(run, checkpoint) if checkpoint is not None else TrainState()
     tcfg, last, accelerator = cfg.trainer, cfg.trainer.max_steps, run.accelerator
     probe = probe_batch(run.data.validation, cfg.data.seq_len, cfg.logger.diag_batch_size)
+    measure_activations(run, state.step)
     run.progress = tqdm(total=last, initial=state.step, disable=not run.is_main, desc="Training", unit="step")
     val_loss = float("nan")
     run.model.train()

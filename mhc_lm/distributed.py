@@ -197,6 +197,11 @@ def engine_name(accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
+def engine_shards_parameters(accelerator) -> bool:
+    """FSDP or ZeRO-3: no rank holds the whole model between steps."""
+    return engine_name(accelerator) in ("fsdp", "deepspeed-zero3")
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     """Parameters of the whole model, also when ZeRO-3 has partitioned them (ds_numel)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

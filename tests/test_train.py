@@ -66,6 +66,23 @@ def test_plain_residual_baseline_runs(train_cli, tmp_path):
     assert config["residual"]["name"] == "residual" and config["residual"]["n"] == 1
 
 
+def test_the_run_logs_the_activation_bytes_its_forward_keeps(tiny_run):
+    """memory/token_activation_bytes (compare's activation column) is what mhc_lm.activations measures on a
+    fresh model of the run's config, one sequence of the run's length; per token."""
+    from mhc_lm.activations import activation_bytes
+    from mhc_lm.model import MhcConfig, MhcForCausalLM
+
+    logged = [m["memory/token_activation_bytes"] for m in read_metrics(tiny_run)
+              if "memory/token_activation_bytes" in m]
+    assert len(logged) == 1
+    config = MhcConfig.from_pretrained(tiny_run / "export")
+    ids = torch.randint(0, config.vocab_size, (1, 32))  # data.seq_len of TINY_RUN
+    expected = activation_bytes(MhcForCausalLM(config).train(), ids) / ids.numel()
+    assert logged[0] == pytest.approx(expected, rel=1e-9)
+    plain = MhcForCausalLM(MhcConfig.from_pretrained(tiny_run / "export", residual={"name": "residual", "n": 1}))
+    assert logged[0] > 1.2 * activation_bytes(plain.train(), ids) / ids.numel()  # four streams cost more
+
+
 @pytest.mark.compat
 def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
     """Also across activation recompute: the straight run keeps everything, the interrupted one recomputes
