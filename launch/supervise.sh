@@ -26,6 +26,9 @@ forward() {  # to the agent's children: the ranks
 for sig in TERM USR1 INT HUP; do
     trap "forward $sig" "$sig"  # set before the launcher starts: an early signal must not end this script
 done
+# RUN_DIR/continue.sh runs the launcher under this script again (mhc_lm.distributed.SUPERVISOR_ENV).
+export MHC_LM_SUPERVISE
+MHC_LM_SUPERVISE="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 setsid "$@" &
 AGENT=$!
 status=0

@@ -263,10 +263,33 @@ def launcher_prefix() -> list[str]:
     return [sys.executable, script]
 
 
+SUPERVISOR_ENV = "MHC_LM_SUPERVISE"  # set by launch/supervise.sh to its own path
+
+
 def continue_command(run_dir: Path) -> list[str]:
-    """This run's command line with its own overrides, continuing in `run_dir` from its newest checkpoint."""
+    """This run's command line with its own overrides, continuing in `run_dir` from its newest checkpoint;
+    under launch/supervise.sh again, when the run was, so a second preemption also ends with exit 75."""
     kept = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") not in RUN_SPECIFIC]
-    return [*launcher_prefix(), *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    prefix = [supervisor, str(run_dir)] if supervisor and under_elastic_agent() else []
+    return [*prefix, *launcher_prefix(), *kept, f"hydra.run.dir={run_dir}", "trainer.resume=auto"]
+
+
+def node_count() -> int:
+    """Nodes of this launch: the elastic agent's WORLD_SIZE over its LOCAL_WORLD_SIZE (1 without an agent)."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    return max(1, world // local) if local else 1
+
+
+def continue_note() -> str:
+    """What continue.sh's reader must know beyond the command: on several nodes, where to run it."""
+    nodes = node_count()
+    if nodes == 1:
+        return ""
+    if "SLURM_JOB_ID" in os.environ:
+        return (f"# {nodes} nodes under SLURM: resubmit the sbatch script (it resumes this run by itself), or run\n"
+                f"# this script on every node of a new allocation at once.\n")
+    return f"# {nodes} nodes: run this script on every node at once (the same command on each, as at the start).\n"
 
 
 CARRIED_ENV = ("PET_SIGNALS_TO_HANDLE", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "MHC_LM_CACHE", "CUDA_VISIBLE_DEVICES",
@@ -279,7 +302,7 @@ def write_stop_record(run_dir: Path, step: int, cause: str) -> Path:
     env = [f"{k}={shlex.quote(os.environ[k])}" for k in CARRIED_ENV if k in os.environ]
     script = RunDir(run_dir).continue_script
     script.write_text("#!/bin/bash\n# Continue this run from its newest intact checkpoint (written when it stopped).\n"
-                      f"cd {shlex.quote(os.getcwd())}\nexec {' '.join(['env', *env]) + ' ' if env else ''}"
+                      f"{continue_note()}cd {shlex.quote(os.getcwd())}\nexec {' '.join(['env', *env]) + ' ' if env else ''}"
                       f"{shlex.join(continue_command(Path(run_dir)))}\n")
     script.chmod(0o755)
     record = {"step": step, "cause": cause, "continue": str(script)}

@@ -22,6 +22,7 @@ __name__` line per bundled file: that form is what the loader follows, so it cop
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -72,13 +73,27 @@ def generation_config(config):
                             max_new_tokens=128)
 
 
+@contextlib.contextmanager
+def no_transformers_progress():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_export(model, tokenizer, export_dir: str | Path, state_dict=None, trainer_state: dict | None = None,
                 is_main_process: bool = True) -> Path:
     """Write `model` (an unwrapped PreTrainedModel) as a Hugging Face folder that carries its own code."""
     export_dir = Path(export_dir)
     model.generation_config = generation_config(model.config)
-    model.save_pretrained(export_dir, state_dict=state_dict, is_main_process=is_main_process,
-                          safe_serialization=True)
+    with no_transformers_progress():  # "Writing model shards 1/1": not ours to show at the end of a run
+        model.save_pretrained(export_dir, state_dict=state_dict, is_main_process=is_main_process,
+                              safe_serialization=True)
     if is_main_process:
         tokenizer.save_pretrained(export_dir)
         if trainer_state is not None:

@@ -65,6 +65,42 @@ def test_the_continue_command_keeps_the_overrides_and_the_launcher(monkeypatch, 
     assert json.loads((tmp_path / "stopped.json").read_text())["cause"] == "SIGTERM"
 
 
+@pytest.mark.parametrize("slurm", [False, True])
+def test_the_continue_script_says_where_to_run_it_on_several_nodes(monkeypatch, tmp_path, slurm):
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train.py", "model=tiny"])
+    for name in ("TORCHELASTIC_RUN_ID", "MHC_LM_SUPERVISE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert "node" not in write_stop_record(tmp_path, 3, "SIGTERM").read_text()  # one node: nothing to add
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    if slurm:
+        monkeypatch.setenv("SLURM_JOB_ID", "123")
+    lines = write_stop_record(tmp_path, 3, "SIGTERM").read_text().splitlines()
+    expected = "# 4 nodes under SLURM: resubmit the sbatch script" if slurm else "# 4 nodes: run this script on every node"
+    assert lines[2].startswith(expected) and lines[-1].startswith("exec ")
+
+
+def test_a_supervised_run_continues_under_the_supervisor(monkeypatch, tmp_path):
+    """launch/supervise.sh exports its path; continue.sh puts it (with the run directory) before the launcher."""
+    launcher = [sys.executable, "-c", "import time; time.sleep(60)", "--nproc_per_node", "2", "/somewhere/train.py"]
+    monkeypatch.setattr(sys, "argv", ["/somewhere/train.py", "model=tiny"])
+    monkeypatch.setenv("MHC_LM_SUPERVISE", "/repo/launch/supervise.sh")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    # Without an elastic agent (python train.py under the supervisor): the interpreter's command, no prefix.
+    assert continue_command(tmp_path)[:2] == [sys.executable, "/somewhere/train.py"]
+    agent = subprocess.Popen(launcher)
+    try:
+        time.sleep(0.2)
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+        monkeypatch.setattr(distributed.os, "getppid", lambda: agent.pid)
+        assert continue_command(tmp_path) == ["/repo/launch/supervise.sh", str(tmp_path), *launcher,
+                                              "model=tiny", f"hydra.run.dir={tmp_path}", "trainer.resume=auto"]
+    finally:
+        agent.kill()
+        agent.wait()
+
+
 @pytest.mark.slow
 def test_a_preempted_run_exits_75_and_its_continue_script_finishes_it_exactly(tiny_run, cache_dir, tmp_path):
     """The tiny_run settings, preempted with SIGUSR1 after two steps, then continued with RUN/continue.sh:
@@ -121,6 +157,7 @@ def test_torchrun_script_preempted_on_two_ranks_exits_75_without_a_traceback(cac
     stopped = json.loads((run_dir / "stopped.json").read_text())
     assert stopped["cause"] == "SIGUSR1" and f"stopped on SIGUSR1 at step {stopped['step']} of 40" in out
     command = (run_dir / "continue.sh").read_text().splitlines()[-1]
+    assert f"{ROOT / 'launch' / 'supervise.sh'} {run_dir} " in command  # a second preemption exits 75 too
     assert "--nproc_per_node 2" in command and f"hydra.run.dir={run_dir}" in command and "trainer.max_steps=40" in command
     resumed = subprocess.run(["bash", str(run_dir / "continue.sh")], capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
