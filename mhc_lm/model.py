@@ -208,6 +208,8 @@ class Block(nn.Module):
         self.mlp_hc = make_mixer(name, config.hidden_size, n, 2 * layer_idx + 1, **options)
 
     def forward(self, streams, cos, sin, mask, cache):
+        # run_branch: under `mhc` recompute the layers after the norm keep their activations and are never
+        # rerun; the norm is recomputed with the mixer's glue (mhc_lm.residual.recompute).
         streams = self.attn_hc(streams, lambda x: run_branch(self.attn, self.attn_norm(x), cos, sin, mask, cache))
         return self.mlp_hc(streams, lambda x: run_branch(self.mlp, self.mlp_norm(x)))
 
