@@ -1,7 +1,8 @@
 """Activation memory and step time of the plain residual and mHC (n = 4) under each recompute policy.
 
     python benchmarks/activation_memory.py                             # GPU: 12 x 1024 and the small model
-    nice python benchmarks/activation_memory.py --device cpu --batch 1 --seq-len 128 --vocab 4096 --steps 2
+    nice python benchmarks/activation_memory.py --device cpu --batch 1 --seq-len 128 --vocab 4096 --steps 3 \
+        --threads 1 --selective                                        # CPU, beside the selective rule
 
 For each model (12 layers x d_model 1024, and the default small model), each residual and each
 `trainer.activation_checkpointing` (none | mhc | full): the activation bytes per token (the storages kept
@@ -10,14 +11,18 @@ alive after a training forward, `mhc_lm.activations`: device-independent), on a 
 process's CPU time, steadier than the wall clock on a shared machine). Ratios from this
 one run: bytes against the plain residual without recompute, bytes and time against the same residual
 without recompute. Targets: mHC with `mhc` at most 1.15x the residual's bytes (none) and within 1.10x of
-mHC's step time (none); `full` at most 0.35x of the bytes without recompute.
+mHC's step time (none); `full` at most 0.35x of the bytes without recompute. `--selective` adds a row
+`mhc-sac`: `mhc` under the selective checkpoint rule (keep matmul and attention outputs, recompute the rest:
+the rule torch.compile's trace uses, and eager `mhc` before 2026-12-02) run eagerly, to compare in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -34,16 +39,27 @@ def build(model: str, residual: str, policy: str, args, device):
 
     torch.manual_seed(0)
     config = MhcConfig(vocab_size=args.vocab, max_position_embeddings=args.seq_len, **MODELS[model],
-                       residual={**RESIDUALS[residual], "kernel": args.kernel}, activation_checkpointing=policy)
+                       residual={**RESIDUALS[residual], "kernel": args.kernel},
+                       activation_checkpointing=policy.removesuffix("-sac"))
     return MhcForCausalLM(config).to(device).train()
 
 
-def step_fn(net, batch, args, device):
+def rule(policy: str):
+    """`mhc-sac`: the `mhc` groups under the selective checkpoint rule, eagerly; otherwise as configured."""
+    if policy != "mhc-sac":
+        return contextlib.nullcontext()
+    from mhc_lm.residual import recompute
+
+    return mock.patch.object(recompute, "_glue_checkpoint", recompute._selective_checkpoint)
+
+
+def step_fn(net, batch, policy, args, device):
     def step():
         net.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = net(batch, labels=batch).loss
-        loss.backward()
+        with rule(policy):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                loss = net(batch, labels=batch).loss
+            loss.backward()
     return step
 
 
@@ -53,11 +69,12 @@ def measure(model: str, residual: str, args, device) -> list[dict]:
     from mhc_lm.activations import activation_bytes
 
     batch = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=device)
-    nets = {policy: build(model, residual, policy, args, device) for policy in POLICIES}
-    steps = {policy: step_fn(net, batch, args, device) for policy, net in nets.items()}
+    policies = POLICIES + ("mhc-sac",) if args.selective else POLICIES
+    nets = {policy: build(model, residual, policy, args, device) for policy in policies}
+    steps = {policy: step_fn(net, batch, policy, args, device) for policy, net in nets.items()}
     rows = []
     for policy, net in nets.items():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        with rule(policy), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             kept = activation_bytes(net, batch) / batch.numel()
         rows.append({"model": model, "residual": residual, "policy": policy, "_bytes": kept,
                      "KiB/token": f"{kept / 1024:,.1f}", "peak MiB": mib(peak_memory(steps[policy], device))})
@@ -105,7 +122,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 on a shared machine: CPU time then counts no idle spinning)")
+    parser.add_argument("--selective", action="store_true", help="add the row mhc-sac (see the docstring)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     print(f"# {machine(device)}")
     print(f"# batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, bf16 {args.bf16}, "

@@ -44,8 +44,10 @@ def activation_elements_per_token(config) -> float:
     if policy == "full":
         return fixed + L * n * C
     if policy == "mhc":
+        # Per layer the branches' tensors after their norms (6C + 4H + heads) and their two outputs (2C); the
+        # norms (2C + 1 each) and the glue are recomputed. Per group its input streams.
         groups = math.ceil(L / config.blocks_per_group)
-        return fixed + L * (6 * C + 2 * H + heads + 2 * coefficients) + groups * n * C
+        return fixed + L * (8 * C + 4 * H + heads) + groups * n * C
     glue = 0 if plain else (2 * n + 2) * C + 8 * coefficients + 2
     return fixed + L * (10 * C + 4 * H + heads + 2 + glue)
 

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .residual import Mixer, expand_streams, make_collapse, make_mixer, mixer_options
 from .residual.collapse import HyperHead
-from .residual.recompute import check_policy, paper_group, run_stages
+from .residual.recompute import check_policy, paper_group, run_branch, run_stages
 
 DEFAULT_RESIDUAL = {"name": "mhc", "n": 4, "collapse": "head"}
 
@@ -208,8 +208,10 @@ class Block(nn.Module):
         self.mlp_hc = make_mixer(name, config.hidden_size, n, 2 * layer_idx + 1, **options)
 
     def forward(self, streams, cos, sin, mask, cache):
-        streams = self.attn_hc(streams, lambda x: self.attn(self.attn_norm(x), cos, sin, mask, cache))
-        return self.mlp_hc(streams, lambda x: self.mlp(self.mlp_norm(x)))
+        # run_branch: under `mhc` recompute the layers after the norm keep their activations and are never
+        # rerun; the norm is recomputed with the mixer's glue (mhc_lm.residual.recompute).
+        streams = self.attn_hc(streams, lambda x: run_branch(self.attn, self.attn_norm(x), cos, sin, mask, cache))
+        return self.mlp_hc(streams, lambda x: run_branch(self.mlp, self.mlp_norm(x)))
 
 
 class MhcPreTrainedModel(PreTrainedModel):

@@ -103,6 +103,73 @@ def test_recompute_keeps_less_than_no_recompute():
     assert kept("mhc", "full") <= 0.35 * none
 
 
+def count_calls(model) -> dict[str, int]:
+    """Calls of the branches (attention, MLP) and of the mixers, counted as they start."""
+    calls = {"branch": 0, "mixer": 0}
+    for block in model.model.layers:
+        for module, kind in [(block.attn, "branch"), (block.mlp, "branch"), (block.attn_hc, "mixer"),
+                             (block.mlp_hc, "mixer")]:
+            module.register_forward_pre_hook(lambda *args, kind=kind: calls.__setitem__(kind, calls[kind] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("policy,branches,mixers", [("none", 6, 6), ("mhc", 6, 12), ("full", 12, 12)])
+def test_mhc_recomputes_the_glue_and_never_the_branches(policy, branches, mixers):
+    """3 layers, 6 sublayers: after forward and backward `mhc` has run each branch once and each mixer twice."""
+    model = tiny(policy=policy)
+    calls = count_calls(model)
+    model(batch(), labels=batch()).loss.backward()
+    assert calls == {"branch": branches, "mixer": mixers}
+
+
+@pytest.mark.parametrize("group,groups", [(2, 3), (6, 1)])
+def test_mhc_branches_save_through_the_callers_saved_tensor_hooks(group, groups):
+    """Under `mhc` a caller's hooks (e.g. offloading) see the branches' tensors (SwiGLU's SiLU output, one
+    per layer) and, stream-wide, only each group's input and the collapse's: the glue's tensors go to the
+    checkpoint. Without recompute they see every sublayer's input streams (and the collapse's)."""
+    def saved(policy):
+        model, seen = tiny(policy=policy), []
+        model.config.recompute_group = group
+
+        def pack(tensor):
+            seen.append("streams" if tensor.shape == (2, 16, 4, 32) else type(tensor.grad_fn).__name__)
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(batch(), labels=batch()).loss
+        loss.backward()
+        return seen, {k: p.grad for k, p in model.named_parameters()}
+
+    (none, expected), (found, grads) = saved("none"), saved("mhc")
+    assert (none.count("SiluBackward0"), none.count("streams")) == (3, 2 * 3 + 1)
+    assert (found.count("SiluBackward0"), found.count("streams")) == (3, groups + 1)
+    assert all(torch.equal(grads[k], g) for k, g in expected.items())
+
+
+def test_a_group_is_freed_with_its_graph(monkeypatch):
+    """The kept branch outputs hold no reference back into the graph: when the graph goes, after a backward or
+    dropped without one, the groups go by reference counting alone (no cycle for the garbage collector)."""
+    import gc
+    import weakref
+
+    groups = []
+    init = recompute._Group.__init__
+
+    def recorded(self, *args):
+        init(self, *args)
+        groups.append(weakref.ref(self))
+
+    monkeypatch.setattr(recompute._Group, "__init__", recorded)
+    model = tiny(policy="mhc")
+    gc.disable()
+    try:
+        model(batch(), labels=batch()).loss.backward()
+        model(batch(), labels=batch())  # the graph dropped unused
+        assert len(groups) == 6 and all(ref() is None for ref in groups)
+    finally:
+        gc.enable()
+
+
 def forbid_recompute(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed where no backward follows")
