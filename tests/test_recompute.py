@@ -56,6 +56,15 @@ def test_recompute_gives_the_same_losses_and_gradients_for_every_variant(name, p
     assert_same(loss_and_grads(tiny(name, policy=policy), batches), expected)  # CPU fp32: bitwise
 
 
+def test_mhc_is_exact_on_a_torch_without_the_private_hook_reader(monkeypatch):
+    """recompute reads the caller's saved-tensor hooks through a private torch function; a torch without it
+    still recomputes exactly (the branches then save plainly)."""
+    monkeypatch.delattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+    assert recompute._outer_hooks() is None
+    expected = loss_and_grads(tiny(), [batch()])
+    assert_same(loss_and_grads(tiny(policy="mhc"), [batch()]), expected)
+
+
 @pytest.mark.parametrize("group", [1, 2, 5, 100])
 def test_every_group_size_is_exact(group):
     model = tiny(policy="mhc")

@@ -74,6 +74,14 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _outer_hooks():
+    """The saved-tensor hooks in force here (a caller's offloading, say), for the branches to save under
+    inside the checkpoint. torch has no public reader: without its private one (a future torch), the
+    branches save plainly, which changes nothing unless the caller installed hooks."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
 class _Group:
     """One `mhc` group's stages, the function torch's checkpoint runs. Its first call is the forward: each
     branch runs under the saved-tensor hooks in force outside the checkpoint (none: plain saving), and its
@@ -82,7 +90,7 @@ class _Group:
 
     def __init__(self, stages: list[Stage]):
         self.stages, self.outputs, self.replay, self.calls = stages, [], False, 0
-        self.hooks = torch._C._autograd._top_saved_tensors_default_hooks(False) or (_detach, _same)
+        self.hooks = _outer_hooks() or (_detach, _same)
 
     def __call__(self, streams: torch.Tensor) -> torch.Tensor:
         self.calls, token = 0, _GROUP.set(self)
