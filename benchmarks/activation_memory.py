@@ -1,10 +1,11 @@
-"""Activation memory and step time of the plain residual and mHC (n = 4) under each recompute policy.
+"""Activation memory and step time of the plain residual and mHC (n = 4), or any residual, under each recompute policy.
 
     python benchmarks/activation_memory.py                             # GPU: 12 x 1024 and the small model
     nice python benchmarks/activation_memory.py --device cpu --batch 1 --seq-len 128 --vocab 4096 --steps 3 \
         --threads 1 --selective                                        # CPU, beside the selective rule
 
-For each model (12 layers x d_model 1024, and the default small model), each residual and each
+For each model (12 layers x d_model 1024, and the default model=small of conf/), each residual (`--residuals`:
+the plain residual and mHC, or any of conf/residual/ with its default n, or `all`) and each
 `trainer.activation_checkpointing` (none | mhc | full): the activation bytes per token (the storages kept
 alive after a training forward, `mhc_lm.activations`: device-independent), on a GPU also the peak of
 `torch.cuda.max_memory_allocated` over a step, and the median forward + backward time (on CPU: the
@@ -22,15 +23,34 @@ import argparse
 import contextlib
 import statistics
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
 
 from common import machine, mib, peak_memory, pick_device, print_table, timed
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def conf_model(name: str) -> dict:
+    """A model of conf/model/ (the one train.py builds with model=<name>)."""
+    from omegaconf import OmegaConf
+
+    model = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    return dict(hidden_size=model.d_model, num_hidden_layers=model.n_layers, num_attention_heads=model.n_heads)
+
+
+def conf_residual(name: str) -> dict:
+    """A residual of conf/residual/ with its defaults (n, collapse, inits), as train.py's residual=<name>."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(CONF / "residual" / f"{name}.yaml"))
+
+
 MODELS = {"12x1024": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16),
-          "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4)}
-RESIDUALS = {"residual": {"name": "residual", "n": 1}, "mhc": {"name": "mhc", "n": 4}}
+          "small": conf_model("small")}  # the default model (4 x 128 today)
+RESIDUALS = ("residual", "mhc")
 POLICIES = ("none", "mhc", "full")
 
 
@@ -39,7 +59,7 @@ def build(model: str, residual: str, policy: str, args, device):
 
     torch.manual_seed(0)
     config = MhcConfig(vocab_size=args.vocab, max_position_embeddings=args.seq_len, **MODELS[model],
-                       residual={**RESIDUALS[residual], "kernel": args.kernel},
+                       residual={**conf_residual(residual), "kernel": args.kernel},
                        activation_checkpointing=policy.removesuffix("-sac"))
     return MhcForCausalLM(config).to(device).train()
 
@@ -111,9 +131,21 @@ def add_ratios(rows: list[dict]) -> None:
         row["time vs none"] = f"{row['_s'] / same['_s']:.3f}x"
 
 
+def residuals(names: list[str]) -> list[str]:
+    known = sorted(p.stem for p in (CONF / "residual").glob("*.yaml"))
+    names = known if names == ["all"] else names
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"error: --residuals {' '.join(unknown)}: not in conf/residual; allowed: all, {', '.join(known)}")
+    return ["residual", *[n for n in names if n != "residual"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--residuals", nargs="+", default=list(RESIDUALS),
+                        help="residual configs of conf/residual/ (their default n), or `all`; `residual` is "
+                             "always measured first: the ratios are against it")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32768)
@@ -132,7 +164,7 @@ def main() -> None:
     print(f"# {machine(device)}")
     print(f"# batch {args.batch} x {args.seq_len} tokens, vocab {args.vocab}, bf16 {args.bf16}, "
           f"kernel {args.kernel}, median of {args.steps} steps after {args.warmup}")
-    rows = [row for m in args.models for r in RESIDUALS for row in measure(m, r, args, device)]
+    rows = [row for m in args.models for r in residuals(args.residuals) for row in measure(m, r, args, device)]
     add_ratios(rows)
     print_table(rows, ["model", "residual", "policy", "KiB/token", "vs residual none", "bytes vs none", "peak MiB",
                        "ms/step", "time vs none"])
