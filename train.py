@@ -75,6 +75,7 @@ class Run:
     step_flops: float
     preemption: Preemption
     peak_flops: Optional[float] = None  # the device's peak, looked up once (None: unknown, no MFU)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: the autocast dtype the steps run under
     progress: Any = None
 
     @property
@@ -122,7 +123,7 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
               run_config(cfg), unigram_loss(data.unigram_sample, data.validation, data.vocab_size), 0.0,
               preemption)
     run.step_flops = flops_per_token(model_config, cfg.data.seq_len) * run.tokens_per_step
-    run.peak_flops = peak_flops(accelerator.device)
+    run.peak_flops, run.precision = peak_flops(accelerator.device), precision
     announce(run, precision)
     return run
 
@@ -136,7 +137,8 @@ def measure_activations(run: Run, step: int) -> None:
         return
     model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
     sequence = probe_batch(run.data.validation, run.cfg.data.seq_len, 1).clone().to(run.accelerator.device)
-    with run.accelerator.autocast():
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision)
+    with torch.autocast(sequence.device.type, dtype=dtype, enabled=dtype is not None):  # DeepSpeed's too
         kept = activation_bytes(model, sequence)
     run.tracker.log({"memory/token_activation_bytes": kept / sequence.numel()}, step)
 

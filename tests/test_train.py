@@ -83,6 +83,25 @@ def test_the_run_logs_the_activation_bytes_its_forward_keeps(tiny_run):
     assert logged[0] > 1.2 * activation_bytes(plain.train(), ids) / ids.numel()  # four streams cost more
 
 
+def test_the_activation_bytes_are_measured_in_the_runs_precision(train_cli, tmp_path):
+    """Under trainer.precision=bf16 the measurement runs under the same autocast: the bf16 bytes, not fp32's."""
+    from mhc_lm.activations import activation_bytes
+    from mhc_lm.model import MhcConfig, MhcForCausalLM
+
+    result = train_cli("trainer.max_steps=1", "trainer.precision=bf16", "trainer.run_name=bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "bf16"
+    [logged] = [m["memory/token_activation_bytes"] for m in read_metrics(run_dir) if "memory/token_activation_bytes" in m]
+    model = MhcForCausalLM(MhcConfig.from_pretrained(run_dir / "export")).train()
+    ids = torch.randint(0, model.config.vocab_size, (1, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = activation_bytes(model, ids) / ids.numel()
+    assert logged == pytest.approx(expected, rel=1e-9)
+    # Not fp32's figure (on this tiny model autocast's bf16 copies of the weights even outweigh the halved
+    # activations: they are kept for the backward too).
+    assert abs(logged / (activation_bytes(model, ids) / ids.numel()) - 1) > 0.1
+
+
 @pytest.mark.compat
 def test_resume_reproduces_the_uninterrupted_losses(train_cli, tmp_path):
     """Also across activation recompute: the straight run keeps everything, the interrupted one recomputes
