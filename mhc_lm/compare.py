@@ -17,7 +17,9 @@ budget) and `metrics.jsonl`. Per run (`runs.md`, `runs.csv`):
   token-max composite Amax gain H_res[L-1]...H_res[l], `mhc_lm.diagnostics`); `comp_gain_fwd_peak`: its
   largest value over training.
 
-Per variant (`summary.md`, `summary.csv`): the mean and the sample standard deviation over its runs
+Only finished runs (those that logged `final/val_loss`) are compared: one still training, or stopped early,
+has an earlier step's loss; `summary.md` names the ones left out, `runs.md` lists every run with its last
+step, and `--unfinished` compares them too. Per variant (`summary.md`, `summary.csv`): the mean and the sample standard deviation over its runs
 (seeds) of each, tokens/s and activation bytes also relative to the `residual` variant's mean. Plots:
 validation loss against tokens seen (mean over seeds, band: min to max), the composite gains against
 step (log scale when they grow), and the last probe's H_res of every sublayer, variants side by side
@@ -60,12 +62,14 @@ class RunRecord:
     comp_gain_fwd: float = math.nan
     comp_gain_bwd: float = math.nan
     comp_gain_fwd_peak: float = math.nan
+    finished: bool = False  # logged final/val_loss: the run reached trainer.max_steps
+    last_step: int = 0
     curve: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, validation loss)
     gains: list[tuple[int, float, float]] = field(default_factory=list)  # (step, composite fwd, bwd)
 
     def row(self) -> dict:
         return {"run": self.name, "residual": self.variant, "seed": self.seed, "val_tokens": self.val_tokens,
-                **{k: getattr(self, k) for k in RUN_COLUMNS}}
+                "finished": self.finished, "last_step": self.last_step, **{k: getattr(self, k) for k in RUN_COLUMNS}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,6 +110,7 @@ def read_run(run_dir: Path, name: Optional[str] = None) -> RunRecord:
     tokens_at, val, speeds, gains = {0: 0}, [], [], {}
     for m in records:
         step = m["step"]
+        record.last_step = max(record.last_step, step)
         if "train/tokens_seen" in m:
             tokens_at[step] = m["train/tokens_seen"]
         if "train/tokens_per_s" in m:
@@ -113,7 +118,7 @@ def read_run(run_dir: Path, name: Optional[str] = None) -> RunRecord:
         if "val/loss" in m:
             val.append((step, m["val/loss"]))
         if "final/val_loss" in m:
-            record.val_loss = m["final/val_loss"]
+            record.val_loss, record.finished = m["final/val_loss"], True
         if GAIN_KEYS["fwd"] in m:
             gains[step] = (m[GAIN_KEYS["fwd"]], m.get(GAIN_KEYS["bwd"], math.nan))
         for key, value in m.items():
@@ -369,17 +374,35 @@ def plot_h_res_side_by_side(runs: list[RunRecord], path: Path) -> Optional[Path]
     return path
 
 
-def compare(paths: list[Path], out_dir: Path) -> tuple[list[dict], dict[str, Path]]:
-    """Read the runs, write the tables and plots into out_dir; returns (per-variant rows, written files)."""
-    runs = find_runs(paths)
+def select_finished(runs: list[RunRecord], unfinished: bool) -> tuple[list[RunRecord], list[RunRecord]]:
+    """(the runs the report covers, the unfinished ones left out). A run still training (or stopped early)
+    has an earlier step's loss: beside finished runs it would compare budgets that differ, so it is left
+    out unless `unfinished`; ConfigError when nothing is finished yet."""
+    done = [r for r in runs if r.finished]
+    if unfinished:
+        return runs, []
+    if not done:
+        listed = ", ".join(f"{r.name} (step {r.last_step})" for r in runs)
+        raise ConfigError(f"SWEEP_DIR: no run has finished yet ({listed}); allowed: wait, or --unfinished to "
+                          "compare them at the steps they reached")
+    return done, [r for r in runs if not r.finished]
+
+
+def compare(paths: list[Path], out_dir: Path, unfinished: bool = False) -> tuple[list[dict], dict[str, Path]]:
+    """Read the runs, write the tables and plots into out_dir; returns (per-variant rows, written files).
+    Only finished runs are compared unless `unfinished`; runs.md lists every run."""
+    found = find_runs(paths)
+    runs, left_out = select_finished(found, unfinished)
     val_tokens = check_one_budget(runs)
     rows = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"summary.md": out_dir / "summary.md", "summary.csv": out_dir / "summary.csv",
              "runs.md": out_dir / "runs.md", "runs.csv": out_dir / "runs.csv"}
-    files["summary.md"].write_text(summary_markdown(rows, val_tokens))
+    note = ("" if not left_out else "Left out, not finished: "
+            + ", ".join(f"{r.name} (step {r.last_step})" for r in left_out) + ".\n")
+    files["summary.md"].write_text(summary_markdown(rows, val_tokens) + note)
     write_csv(rows, files["summary.csv"])
-    run_rows = [r.row() for r in sorted(runs, key=lambda r: r.name)]
+    run_rows = [r.row() for r in sorted(found, key=lambda r: r.name)]
     files["runs.md"].write_text(markdown_table(run_rows))
     write_csv(run_rows, files["runs.csv"])
     for name, plot in (("loss_vs_tokens.png", lambda p: plot_loss_vs_tokens(runs, val_tokens, p)),
@@ -395,10 +418,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, metavar="SWEEP_DIR",
                         help="a sweep directory (runs/sweeps/<name>), run directories or folders of runs")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/compare)")
+    parser.add_argument("--unfinished", action="store_true",
+                        help="also compare runs that have not reached trainer.max_steps (at the step they reached)")
     args = parser.parse_args(argv)
     out = args.out or args.paths[0] / "compare"
     try:
-        rows, files = compare(args.paths, out)
+        rows, files = compare(args.paths, out, unfinished=args.unfinished)
     except ConfigError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code

@@ -105,6 +105,33 @@ def test_the_report_files_hold_the_same_numbers(sweep, tmp_path):
     assert all(files[p].read_bytes()[:4] == b"\x89PNG" for p in ("loss_vs_tokens.png", "gains_vs_step.png"))
 
 
+def unfinish(run: Path, last_step: int = 2) -> None:
+    """Cut a fake run's metrics after `last_step`, as a run still training (no final/val_loss) leaves them."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in records if r["step"] <= last_step]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def test_unfinished_runs_are_left_out_and_named(sweep, tmp_path, capsys):
+    unfinish(sweep / "hc-s2")  # its val loss is step 2's (4.85): mixed in it would move hc's mean
+    rows, files = compare([sweep], tmp_path / "out")
+    hc = next(r for r in rows if r["residual"] == "hc")
+    assert hc["runs"] == 2 and hc["val_loss_mean"] == pytest.approx(3.925)
+    assert "Left out, not finished: hc-s2 (step 2)." in files["summary.md"].read_text()
+    listed = {r["run"]: r for r in csv.DictReader(open(files["runs.csv"]))}
+    assert listed["hc-s2"]["finished"] == "False" and listed["hc-s2"]["last_step"] == "2"
+    assert listed["hc-s0"]["finished"] == "True" and listed["hc-s0"]["last_step"] == "4"
+    rows, _ = compare([sweep], tmp_path / "all", unfinished=True)
+    hc = next(r for r in rows if r["residual"] == "hc")
+    assert hc["runs"] == 3 and hc["val_loss_mean"] == pytest.approx((3.90 + 3.95 + 4.85) / 3)
+    for run in sweep.iterdir():
+        if run.is_dir() and run.name != "compare":
+            unfinish(run, 3)
+    assert main([str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no run has finished yet" in err and "hc-s0 (step 3)" in err and "--unfinished" in err
+
+
 def test_runs_on_different_validation_budgets_are_refused(tmp_path):
     fake_run(tmp_path, "residual", 0, 4.0, [1.0, 1.0, 1.0], 1.0, eval_batches=8)
     fake_run(tmp_path, "mhc", 0, 4.0, [1.0, 1.0, 1.0], 1.0, eval_batches=2)
