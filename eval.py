@@ -38,8 +38,9 @@ register_configs()
 def make_accelerator(precision: str):
     from accelerate import Accelerator
 
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    from mhc_lm.training import resolve_precision
+
+    precision = resolve_precision(precision)
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision)
 
 
@@ -72,6 +73,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> list[dict]:
     from mhc_lm.evaluation import (markdown_table, plot_loss_vs_tokens, run_lm_eval, sample_generations, split_loss,
                                    write_table)
     from mhc_lm.model_sources import load_source, local_context, resolve_sources
+    from mhc_lm.training import autocast_dtype
 
     # 1. Everything that can be checked without loading a model.
     validate_eval(cfg)
@@ -84,7 +86,7 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> list[dict]:
         torch.set_num_threads(cfg.num_threads)
     accelerator = make_accelerator(cfg.precision)
     is_main = accelerator.is_main_process
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    half = autocast_dtype(accelerator.mixed_precision)
     accelerator.print(f"Evaluating {len(sources)} model(s): {', '.join(s.label for s in sources)}")
 
     rows, samples = [], []

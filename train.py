@@ -49,8 +49,8 @@ from mhc_lm.optim import build_optimizer, lr_at, set_lr
 from mhc_lm.preflight import check_train, run_config
 from mhc_lm.run_dir import RunDir
 from mhc_lm.tracking import Tracker
-from mhc_lm.training import (Backward, StepResult, TrainState, due, make_accelerator, make_backward,
-                             train_step)
+from mhc_lm.training import (Backward, StepResult, TrainState, autocast_dtype, due, make_accelerator,
+                             make_backward, train_step)
 
 register_configs()
 
@@ -137,7 +137,7 @@ def measure_activations(run: Run, step: int) -> None:
         return
     model = run.accelerator.unwrap_model(run.model, keep_torch_compile=False)
     sequence = probe_batch(run.data.validation, run.cfg.data.seq_len, 1).clone().to(run.accelerator.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision)
+    dtype = autocast_dtype(run.precision)
     with torch.autocast(sequence.device.type, dtype=dtype, enabled=dtype is not None):  # DeepSpeed's too
         kept = activation_bytes(model, sequence)
     run.tracker.log({"memory/token_activation_bytes": kept / sequence.numel()}, step)

@@ -33,6 +33,11 @@ def resolve_precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def autocast_dtype(precision: str):
+    """The autocast dtype of a precision name (`bf16`, `fp16`); None for fp32 / `no`."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def make_accelerator(cfg: TrainConfig):
     """The Accelerator for this launch, configured by our rules; returns (accelerator, grad_accum, precision)."""
     from accelerate import Accelerator
