@@ -67,6 +67,11 @@ class RunRecord:
     curve: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, validation loss)
     gains: list[tuple[int, float, float]] = field(default_factory=list)  # (step, composite fwd, bwd)
 
+    @property
+    def where(self) -> str:
+        """`name (step N)`: how far the run got, for the messages about unfinished runs."""
+        return f"{self.name} (step {self.last_step})"
+
     def row(self) -> dict:
         return {"run": self.name, "residual": self.variant, "seed": self.seed, "val_tokens": self.val_tokens,
                 "finished": self.finished, "last_step": self.last_step, **{k: getattr(self, k) for k in RUN_COLUMNS}}
@@ -382,7 +387,7 @@ def select_finished(runs: list[RunRecord], unfinished: bool) -> tuple[list[RunRe
     if unfinished:
         return runs, []
     if not done:
-        listed = ", ".join(f"{r.name} (step {r.last_step})" for r in runs)
+        listed = ", ".join(r.where for r in runs)
         raise ConfigError(f"SWEEP_DIR: no run has finished yet ({listed}); allowed: wait, or --unfinished to "
                           "compare them at the steps they reached")
     return done, [r for r in runs if not r.finished]
@@ -399,7 +404,7 @@ def compare(paths: list[Path], out_dir: Path, unfinished: bool = False) -> tuple
     files = {"summary.md": out_dir / "summary.md", "summary.csv": out_dir / "summary.csv",
              "runs.md": out_dir / "runs.md", "runs.csv": out_dir / "runs.csv"}
     note = ("" if not left_out else "Left out, not finished: "
-            + ", ".join(f"{r.name} (step {r.last_step})" for r in left_out) + ".\n")
+            + ", ".join(r.where for r in left_out) + ".\n")
     files["summary.md"].write_text(summary_markdown(rows, val_tokens) + note)
     write_csv(rows, files["summary.csv"])
     run_rows = [r.row() for r in sorted(found, key=lambda r: r.name)]
