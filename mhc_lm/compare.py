@@ -19,7 +19,9 @@ budget) and `metrics.jsonl`. Per run (`runs.md`, `runs.csv`):
 
 Only finished runs (those that logged `final/val_loss`) are compared: one still training, or stopped early,
 has an earlier step's loss; `summary.md` names the ones left out, `runs.md` lists every run with its last
-step, and `--unfinished` compares them too. Per variant (`summary.md`, `summary.csv`): the mean and the sample standard deviation over its runs
+step, and `--unfinished` compares them too. `--keep DIR` copies what the report reads of each run (its
+config, the metrics above, the last probe report: tens of KiB instead of the checkpoints' MiB) into
+DIR/<run>, a folder the report rebuilds from alone (RESULTS.md's runs live in results/runs/). Per variant (`summary.md`, `summary.csv`): the mean and the sample standard deviation over its runs
 (seeds) of each, tokens/s and activation bytes also relative to the `residual` variant's mean. Plots:
 validation loss against tokens seen (mean over seeds, band: min to max), the composite gains against
 step (log scale when they grow), and the last probe's H_res of every sublayer, variants side by side
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ConfigError
-from .run_dir import REPORT_FORMAT, REPORT_VERSION, RunDir
+from .run_dir import PARTIAL_PREFIX, REPORT_FORMAT, REPORT_VERSION, RunDir, step_of
 from .tables import markdown_table, write_csv
 
 BASELINE = "residual"
@@ -141,6 +144,37 @@ def read_run(run_dir: Path, name: Optional[str] = None) -> RunRecord:
     return record
 
 
+def read_key(key: str) -> bool:
+    """Whether read_run uses metric `key`: what --keep copies of a run's metrics.jsonl."""
+    return (key in ("train/tokens_seen", "train/tokens_per_s", "val/loss", "final/val_loss")
+            or key in GAIN_KEYS.values() or ("activation" in key and key.endswith("bytes")))
+
+
+def keep_run(run: RunRecord, into: Path) -> Path:
+    """Copy what the report reads of `run` (the Hydra config, the metrics read_run uses, the newest probe
+    report) into `into`/<run name>, replacing an earlier copy; the copy reads back as the same record."""
+    source, target = RunDir(run.path), RunDir(into / run.name)
+    tmp = target.path.with_name(PARTIAL_PREFIX + target.path.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = RunDir(tmp)
+    kept.hydra_config.parent.mkdir(parents=True)
+    shutil.copy2(source.hydra_config, kept.hydra_config)
+    rows = []
+    for m in read_metrics(source.metrics):
+        row = {k: v for k, v in m.items() if k == "step" or read_key(k)}
+        if len(row) > 1:
+            rows.append(row)
+    kept.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reports = [d for d in source.list_diagnostics() if (d / "diagnostics.json").exists()]
+    if reports:
+        report_dir = kept.diagnostics_at(step_of(reports[-1]))
+        report_dir.mkdir(parents=True)
+        shutil.copy2(reports[-1] / "diagnostics.json", report_dir / "diagnostics.json")
+    shutil.rmtree(target.path, ignore_errors=True)
+    tmp.rename(target.path)
+    return target.path
+
+
 def tokens_at_step(known: dict[int, int], step: int) -> float:
     """Tokens seen at `step`: logged there, else interpolated between the nearest logged steps."""
     import numpy as np
@@ -159,7 +193,8 @@ def find_runs(paths: list[Path]) -> list[RunRecord]:
                               "(runs/sweeps/<name>), a run directory or a folder of runs")
         metrics = RunDir(root).metrics.name
         found = [root / metrics] if (root / metrics).exists() else sorted(root.glob(f"**/{metrics}"))
-        found = [p for p in found if RunDir(root).checkpoints.name not in p.relative_to(root).parts]
+        found = [p for p in found if RunDir(root).checkpoints.name not in p.relative_to(root).parts
+                 and not any(part.startswith(PARTIAL_PREFIX) for part in p.relative_to(root).parts)]
         if not found:
             raise ConfigError(f"SWEEP_DIR={str(root)!r}: no run in it (no metrics.jsonl); allowed: a directory "
                               "train.py wrote runs into")
@@ -393,11 +428,17 @@ def select_finished(runs: list[RunRecord], unfinished: bool) -> tuple[list[RunRe
     return done, [r for r in runs if not r.finished]
 
 
-def compare(paths: list[Path], out_dir: Path, unfinished: bool = False) -> tuple[list[dict], dict[str, Path]]:
+def compare(paths: list[Path], out_dir: Path, unfinished: bool = False,
+            keep: Optional[Path] = None) -> tuple[list[dict], dict[str, Path]]:
     """Read the runs, write the tables and plots into out_dir; returns (per-variant rows, written files).
-    Only finished runs are compared unless `unfinished`; runs.md lists every run."""
+    Only finished runs are compared unless `unfinished`; runs.md lists every run. With `keep`, every
+    run's records are copied there first (keep_run), so the report rebuilt from `keep` is this one."""
     found = find_runs(paths)
     runs, left_out = select_finished(found, unfinished)
+    if keep is not None:
+        for run in found:
+            if run.path.resolve() != (keep / run.name).resolve():
+                keep_run(run, keep)
     val_tokens = check_one_budget(runs)
     rows = summarize(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -425,10 +466,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/compare)")
     parser.add_argument("--unfinished", action="store_true",
                         help="also compare runs that have not reached trainer.max_steps (at the step they reached)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="copy what the report reads of each run (config, those metrics, the last "
+                             "probe report) into DIR/<run>: the report rebuilds from DIR without the checkpoints")
     args = parser.parse_args(argv)
     out = args.out or args.paths[0] / "compare"
     try:
-        rows, files = compare(args.paths, out, unfinished=args.unfinished)
+        rows, files = compare(args.paths, out, unfinished=args.unfinished, keep=args.keep)
     except ConfigError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return err.exit_code

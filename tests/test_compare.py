@@ -160,3 +160,36 @@ def test_a_diagnostics_report_of_another_format_version_is_refused_in_one_line(t
     with pytest.raises(ConfigError, match=r"step_000004/diagnostics.json: a diagnostics report of format "
                                           r"'mhc-lm-diagnostics' version 2; allowed: 'mhc-lm-diagnostics' version 1"):
         last_report(run.path)
+
+
+def test_kept_records_rebuild_the_same_report_without_the_checkpoints(sweep, tmp_path):
+    from mhc_lm.run_dir import REPORT_FORMAT, REPORT_VERSION, RunDir
+
+    for step in (2, 4):  # probe reports at 2 and 4: only the newest is kept
+        folder = RunDir(sweep / "mhc-s0").diagnostics_at(step)
+        folder.mkdir(parents=True)
+        sublayers = [{"h_res_mean": [[1.0 - step / 8, step / 8], [step / 8, 1.0 - step / 8]]}] * 2
+        (folder / "diagnostics.json").write_text(json.dumps({"format": REPORT_FORMAT, "version": REPORT_VERSION,
+                                                              "step": step, "n": 2, "sublayers": sublayers}))
+        (folder / "spectra.png").write_bytes(b"\x89PNG")
+    with open(sweep / "mhc-s0" / "metrics.jsonl", "a") as f:  # a metric the report does not read
+        f.write(json.dumps({"step": 4, "grad_norm/global": 1.5, "train/loss": 4.2}) + "\n")
+    unfinish(sweep / "hc-s2")
+    kept = tmp_path / "kept"
+    _, first = compare([sweep], tmp_path / "out", keep=kept)
+    assert sorted(p.name for p in kept.iterdir()) == sorted(f"{v}-s{s}" for v, s in RUNS)
+    _, files = compare([kept], tmp_path / "again")
+    assert "h_res_heatmaps.png" in files
+    for name in ("summary.md", "summary.csv", "runs.md"):  # the same tables, n/a and the unfinished hc-s2 included
+        assert files[name].read_text() == first[name].read_text()
+    for name in ("mhc-s0", "hc-s1", "hc-s2"):
+        a, b = read_run(kept / name), read_run(sweep / name)
+        assert (a.row(), a.curve, a.gains) == (b.row(), b.curve, b.gains)
+    mhc = kept / "mhc-s0"
+    files = sorted(str(p.relative_to(mhc)) for p in mhc.rglob("*") if p.is_file())
+    assert files == [".hydra/config.yaml", "diagnostics/step_000004/diagnostics.json", "metrics.jsonl"]
+    assert "grad_norm" not in (mhc / "metrics.jsonl").read_text()
+    # keeping again replaces the copy; a run compared from its kept folder is not copied onto itself
+    compare([sweep], tmp_path / "out", keep=kept)
+    compare([kept], tmp_path / "again", keep=kept)
+    assert (mhc / "metrics.jsonl").exists() and not list(kept.glob(".tmp-*"))
