@@ -19,13 +19,17 @@ budget) and `metrics.jsonl`. Per run (`runs.md`, `runs.csv`):
 
 Only finished runs (those that logged `final/val_loss`) are compared: one still training, or stopped early,
 has an earlier step's loss; `summary.md` names the ones left out, `runs.md` lists every run with its last
-step, and `--unfinished` compares them too. `--keep DIR` copies what the report reads of each run (its
-config, the metrics above, the last probe report: tens of KiB instead of the checkpoints' MiB) into
-DIR/<run>, a folder the report rebuilds from alone (RESULTS.md's runs live in results/runs/). Per variant (`summary.md`, `summary.csv`): the mean and the sample standard deviation over its runs
+step, and `--unfinished` compares them too.
+
+Per variant (`summary.md`, `summary.csv`): the mean and the sample standard deviation over its runs
 (seeds) of each, tokens/s and activation bytes also relative to the `residual` variant's mean. Plots:
 validation loss against tokens seen (mean over seeds, band: min to max), the composite gains against
 step (log scale when they grow), and the last probe's H_res of every sublayer, variants side by side
 (`loss_vs_tokens.png`, `gains_vs_step.png`, `h_res_heatmaps.png`).
+
+`--keep DIR` copies what the report reads of each run (its config, the metrics above, the newest probe
+report) into DIR/<run>: a folder the report rebuilds from alone, after the checkpoints are gone
+(RESULTS.md's runs are kept in results/runs/).
 """
 
 from __future__ import annotations
