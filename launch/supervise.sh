@@ -20,8 +20,9 @@ shift
 EXIT_PREEMPTED=75  # mhc_lm.errors.EXIT_PREEMPTED
 
 AGENT=
+PENDING=  # signals that came before the agent's pid was known
 forward() {  # to the agent's children: the ranks
-    if [ -n "$AGENT" ]; then pkill "-$1" -P "$AGENT" || true; fi
+    if [ -n "$AGENT" ]; then pkill "-$1" -P "$AGENT" || true; else PENDING="$PENDING $1"; fi
 }
 for sig in TERM USR1 INT HUP; do
     trap "forward $sig" "$sig"  # set before the launcher starts: an early signal must not end this script
@@ -31,6 +32,7 @@ export MHC_LM_SUPERVISE
 MHC_LM_SUPERVISE="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 setsid "$@" &
 AGENT=$!
+for sig in $PENDING; do forward "$sig"; done  # a signal between the start and `AGENT=$!` is not lost
 status=0
 while kill -0 "$AGENT" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
     status=0

@@ -179,6 +179,14 @@ def test_supervise_forwards_signals_to_the_ranks_and_exits_75_when_preempted(tmp
     agent.chmod(0o755)
     process = subprocess.Popen(["bash", str(ROOT / "launch" / "supervise.sh"), str(tmp_path), str(agent), str(tmp_path)],
                                stderr=subprocess.PIPE, text=True)
+    try:
+        supervise_and_signal(process, tmp_path, send)
+    finally:  # the agent runs in its own session: a failed check must not leave it looping
+        process.kill()
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=False)
+
+
+def supervise_and_signal(process: subprocess.Popen, tmp_path: Path, send) -> None:
     deadline = time.time() + 30
     while not (tmp_path / "ready").exists():  # the rank's trap is set
         assert time.time() < deadline and process.poll() is None
