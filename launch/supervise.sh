@@ -32,7 +32,10 @@ export MHC_LM_SUPERVISE
 MHC_LM_SUPERVISE="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"
 setsid "$@" &
 AGENT=$!
-for sig in $PENDING; do forward "$sig"; done  # a signal between the start and `AGENT=$!` is not lost
+for sig in $PENDING; do  # a signal between the start and `AGENT=$!` is not lost: the ranks get it once they exist
+    for _ in $(seq 100); do pgrep -P "$AGENT" >/dev/null && break; sleep 0.1; done
+    forward "$sig"
+done
 status=0
 while kill -0 "$AGENT" 2>/dev/null; do  # `wait` returns early when a trapped signal arrives
     status=0
