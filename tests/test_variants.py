@@ -11,7 +11,7 @@ import torch
 
 from mhc_lm.residual import MIXERS, make_mixer
 
-from conftest import ROOT
+from conftest import ROOT, TINY_RUN, run_cli
 
 BIRKHOFF = ("mhc_lite", "kromhc", "tbp", "rtbp")
 GENERATED = ("mhc", "mhc_lite", "kromhc", "tbp", "rtbp", "shc", "orthostochastic", "orthogonal", "ihc")
@@ -361,16 +361,31 @@ def test_mfu_counts_each_variants_own_mixer_flops():
     assert len(set(counts.values())) == len(MIXERS), counts  # each variant its own count, not mHC's n^2 for all
 
 
+@pytest.fixture(scope="module")
+def thirty_step_sweep(cache_dir, tmp_path_factory):
+    """Every registered variant, 30 steps of the small model, as one multirun (one process start for all);
+    returns (sweep directory, the command's result)."""
+    sweep = tmp_path_factory.mktemp("thirty_steps")
+    overrides = ["model=small", "data.seq_len=64", "trainer.batch_size=8", "trainer.max_steps=30",
+                 "trainer.eval_every=30", "trainer.export=false", "optim.warmup_steps=5"]
+    given = {o.split("=", 1)[0] for o in overrides}
+    defaults = [o for o in TINY_RUN if o.split("=", 1)[0] not in given]
+    result = run_cli("train.py", "-m", *defaults, *overrides, f"data.cache_dir={cache_dir}",
+                     f"hydra.sweep.dir={sweep}", "trainer.seed=0", f"residual={','.join(sorted(MIXERS))}",
+                     timeout=1800)
+    return sweep, result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MIXERS))
-def test_thirty_steps_of_the_small_model_lower_the_loss(name, train_cli, tmp_path):
-    result = train_cli(f"residual={name}", "model=small", "data.seq_len=64", "trainer.batch_size=8",
-                       "trainer.max_steps=30", "trainer.eval_every=30", "trainer.export=false",
-                       "optim.warmup_steps=5", f"trainer.run_name={name}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+def test_thirty_steps_of_the_small_model_lower_the_loss(name, thirty_step_sweep):
+    sweep, result = thirty_step_sweep
+    run = sweep / f"{name}-s0"
+    assert (run / "metrics.jsonl").exists(), result.stderr[-3000:]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(l)["train/loss"] for l in lines if "train/loss" in l]
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    assert any("final/val_loss" in l for l in lines), result.stderr[-3000:]
     assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
 
 
