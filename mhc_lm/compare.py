@@ -15,7 +15,9 @@ budget) and `metrics.jsonl`. Per run (`runs.md`, `runs.csv`):
   recorded one (else n/a);
 - `comp_gain_fwd` / `comp_gain_bwd`: the last `diag/summary/comp_gain_{fwd,bwd}_max` (the worst sublayer's
   token-max composite Amax gain H_res[L-1]...H_res[l], `mhc_lm.diagnostics`); `comp_gain_fwd_peak`: its
-  largest value over training.
+  largest value over training; `comp_spectral_norm`: the last `diag/summary/comp_spectral_norm_max` (the
+  composite's largest singular value: for sHC and orthogonal, whose H_res has negative entries, the
+  bound that matters where the Amax gain overstates it).
 
 Only finished runs (those that logged `final/val_loss`) are compared: one still training, or stopped early,
 has an earlier step's loss; `summary.md` names the ones left out, `runs.md` lists every run with its last
@@ -50,8 +52,9 @@ from .tables import markdown_table, write_csv
 
 BASELINE = "residual"
 GAIN_KEYS = {"fwd": "diag/summary/comp_gain_fwd_max", "bwd": "diag/summary/comp_gain_bwd_max"}
+SPECTRAL_KEY = "diag/summary/comp_spectral_norm_max"
 RUN_COLUMNS = ("val_loss", "tokens_per_s", "activation_bytes", "comp_gain_fwd", "comp_gain_bwd",
-               "comp_gain_fwd_peak")
+               "comp_gain_fwd_peak", "comp_spectral_norm")
 
 
 @dataclass
@@ -69,6 +72,7 @@ class RunRecord:
     comp_gain_fwd: float = math.nan
     comp_gain_bwd: float = math.nan
     comp_gain_fwd_peak: float = math.nan
+    comp_spectral_norm: float = math.nan
     finished: bool = False  # logged final/val_loss: the run reached trainer.max_steps
     last_step: int = 0
     curve: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, validation loss)
@@ -133,6 +137,8 @@ def read_run(run_dir: Path, name: Optional[str] = None) -> RunRecord:
             record.val_loss, record.finished = m["final/val_loss"], True
         if GAIN_KEYS["fwd"] in m:
             gains[step] = (m[GAIN_KEYS["fwd"]], m.get(GAIN_KEYS["bwd"], math.nan))
+        if SPECTRAL_KEY in m:
+            record.comp_spectral_norm = m[SPECTRAL_KEY]
         for key, value in m.items():
             if "activation" in key and key.endswith("bytes") and isinstance(value, (int, float)):
                 record.activation_bytes = float(value)
@@ -151,7 +157,7 @@ def read_run(run_dir: Path, name: Optional[str] = None) -> RunRecord:
 def read_key(key: str) -> bool:
     """Whether read_run uses metric `key`: what --keep copies of a run's metrics.jsonl."""
     return (key in ("train/tokens_seen", "train/tokens_per_s", "val/loss", "final/val_loss")
-            or key in GAIN_KEYS.values() or ("activation" in key and key.endswith("bytes")))
+            or key in (*GAIN_KEYS.values(), SPECTRAL_KEY) or ("activation" in key and key.endswith("bytes")))
 
 
 def keep_run(run: RunRecord, into: Path) -> Path:
@@ -264,7 +270,7 @@ def check_one_budget(runs: list[RunRecord]) -> Optional[int]:
 
 COLUMN_NAMES = {"val_loss": "val loss", "tokens_per_s": "tokens/s", "activation_bytes": "activation bytes",
                 "comp_gain_fwd": "composite gain fwd", "comp_gain_bwd": "composite gain bwd",
-                "comp_gain_fwd_peak": "peak composite gain fwd"}
+                "comp_gain_fwd_peak": "peak composite gain fwd", "comp_spectral_norm": "composite spectral norm"}
 
 
 def summary_markdown(rows: list[dict], val_tokens: Optional[int]) -> str:
@@ -280,18 +286,21 @@ def summary_markdown(rows: list[dict], val_tokens: Optional[int]) -> str:
         return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
     head = ["residual", "runs (seeds)", "val loss", "tokens/s", "tokens/s vs residual", "activation vs residual",
-            "composite gain fwd", "composite gain bwd", "peak composite gain fwd"]
+            "composite gain fwd", "composite gain bwd", "peak composite gain fwd", "composite spectral norm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in rows:
         cells = [row["residual"], f"{row['runs']} ({row['seeds']})", pm(row, "val_loss"), pm(row, "tokens_per_s"),
                  ratio(row["tokens_per_s_vs_residual"]), ratio(row["activation_bytes_vs_residual"]),
-                 pm(row, "comp_gain_fwd"), pm(row, "comp_gain_bwd"), pm(row, "comp_gain_fwd_peak")]
+                 pm(row, "comp_gain_fwd"), pm(row, "comp_gain_bwd"), pm(row, "comp_gain_fwd_peak"),
+                 pm(row, "comp_spectral_norm")]
         lines.append("| " + " | ".join(cells) + " |")
     budget = f"{val_tokens:,}" if val_tokens else "unknown"
     caption = (f"\nMean ± sample standard deviation over seeds. val loss: train.py's last validation loss, on the "
                f"first {budget} validation tokens (trainer.eval_batches x trainer.batch_size x data.seq_len, per "
                "process). tokens/s: median over logged steps. Composite gains: the last probe's worst sublayer, "
-               "token max (mhc_lm.diagnostics). n/a: not recorded by the runs.\n")
+               "token max (mhc_lm.diagnostics); the spectral norm (the composite's largest singular value, same worst "
+               "case) bounds variants with negative entries, whose Amax gain overstates it. n/a: not recorded by "
+               "the runs.\n")
     return "\n".join(lines) + "\n" + caption
 
 

@@ -40,7 +40,8 @@ def fake_run(root: Path, variant: str, seed: int, val_loss: float, speeds: list[
     records.insert(2, {"step": 2, "val/loss": val_loss + 1.0})
     records.insert(3, {"step": 2, "diag/summary/comp_gain_fwd_max": 2 * gain, "diag/summary/comp_gain_bwd_max": 7.0})
     records += [{"step": 4, "val/loss": val_loss}, {"step": 4, "diag/summary/comp_gain_fwd_max": gain,
-                                                    "diag/summary/comp_gain_bwd_max": gain / 2},
+                                                    "diag/summary/comp_gain_bwd_max": gain / 2,
+                                                    "diag/summary/comp_spectral_norm_max": 1.0 + seed},
                 {"step": 4, "final/val_loss": val_loss}]
     if activation is not None:
         records.append({"step": 4, "memory/activation_bytes": activation})
@@ -63,6 +64,7 @@ def test_a_run_reads_its_final_loss_median_speed_gains_and_curve(sweep):
     assert run.val_loss == 3.95
     assert run.tokens_per_s == 700.0  # median of 600, 700, 800: the warm-up step (1.0) is left out
     assert (run.comp_gain_fwd, run.comp_gain_bwd, run.comp_gain_fwd_peak) == (1000.0, 500.0, 2000.0)
+    assert run.comp_spectral_norm == 2.0
     assert run.curve == [(200.0, 4.95), (400.0, 3.95)]
     assert math.isnan(run.activation_bytes)
 
@@ -99,6 +101,7 @@ def test_the_report_files_hold_the_same_numbers(sweep, tmp_path):
     assert float(table["hc"]["val_loss_mean"]) == pytest.approx(3.90)
     markdown = files["summary.md"].read_text()
     assert "| hc | 3 (0 1 2) | 3.9000 ± 0.0500 | 600 ± 100 | 0.57x | n/a | 2,000 ± 1,000 |" in markdown
+    assert markdown.splitlines()[3].endswith("| 2.0000 ± 1.0000 |")  # hc: spectral norms 1, 2, 3
     assert "first 16,384 validation tokens" in markdown
     runs = list(csv.DictReader(open(files["runs.csv"])))
     assert [r["run"] for r in runs] == sorted(f"{v}-s{s}" for v, s in RUNS)
