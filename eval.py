@@ -19,7 +19,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -128,7 +127,8 @@ def evaluate(cfg: EvalConfig, out_dir: Path) -> list[dict]:
         write_samples(samples, out_dir)
         plot = plot_loss_vs_tokens(rows, sources, out_dir, cfg.max_tokens)
         print("\n" + markdown_table(rows))
-        print(f"results: {md}, {csv_path}" + (f" | plot: {plot}" if plot else "") + f" | samples: {out_dir / 'samples.md'}")
+        plotted = f" | plot: {plot}" if plot else ""
+        print(f"results: {md}, {csv_path}{plotted} | samples: {out_dir / 'samples.md'}")
     accelerator.end_training()
     return rows
 

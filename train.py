@@ -145,7 +145,8 @@ def measure_activations(run: Run, step: int) -> None:
 
 def model_vocab_size(cfg: TrainConfig, tokenizer_vocab: int) -> int:
     """model.vocab_size, or the tokenizer's rounded up to model.vocab_multiple."""
-    vocab_size = cfg.model.vocab_size or cfg.model.vocab_multiple * math.ceil(tokenizer_vocab / cfg.model.vocab_multiple)
+    multiple = cfg.model.vocab_multiple
+    vocab_size = cfg.model.vocab_size or multiple * math.ceil(tokenizer_vocab / multiple)
     if vocab_size < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={vocab_size}: smaller than the tokenizer's {tokenizer_vocab} tokens; "
                           f"allowed: >= {tokenizer_vocab}, or null")
