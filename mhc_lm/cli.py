@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import os
 import sys
 import typing
 from pathlib import Path

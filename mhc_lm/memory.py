@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError, fail
+from .errors import fail
 
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
          "TIB": 2**40}

@@ -17,7 +17,6 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from huggingface_hub.utils import hf_raise_for_status
 
-from conftest import run_cli
 from mhc_lm.data import SOURCES
 from mhc_lm.errors import ConfigError
 from mhc_lm.hub import data_section

@@ -18,7 +18,6 @@ from ..checkpoint import run_data_config, run_hydra_config
 from ..data import DataConfig, prepare_data
 from ..errors import ConfigError
 from ..model_sources import load_source, resolve_sources
-from ..run_dir import RunDir
 from .probe import DiagnosticsReport, probe_batch, run_diagnostics
 
 DESCRIPTION = "Diagnostics of the residual mixing: gains, spectra, constraint health, streams, gradients."
